@@ -1,0 +1,49 @@
+# `make serve` and `make test` each create .venv when missing, install the project, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.xmodal-installed
+# torch/torchvision pinned to the builds this machine carries on disk (see README: Set-up).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv serve test lint typecheck pytest browser-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --upgrade pip >/dev/null
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Chromium for the browser tests comes from Debian's packages; best effort, the tests skip without it.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+		|| echo "chromium could not be installed: browser tests will skip"; \
+	fi
+
+serve: $(STAMP)
+	$(BIN)/xmodal serve --host $(HOST) --port $(PORT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check app models index tests bench
+	$(BIN)/ruff format --check app models index tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) browser-deps
+	$(BIN)/python -m pytest -q tests
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""Dynamic batching: concurrent requests share one forward pass.
+
+One `DynamicBatcher` per model call. Requests enter a bounded queue as (item, future); one
+worker task cuts a batch at `max_batch_size` items or `max_wait_ms` after the first item,
+runs the batch function on a dedicated thread (never on the event loop), and resolves every
+future. A failed batch fails every future in it. A full queue refuses at once (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from app.errors import Overloaded
+from app.metrics import BATCH_SIZE, QUEUE_DEPTH
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    enqueued: float
+
+
+class DynamicBatcher(Generic[In, Out]):
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        request_timeout_s: float = 30.0,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.name = name
+        self._fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        # One thread per batcher: torch parallelises inside the op, not across batches.
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        self._owns_executor = executor is None
+        self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self.batches_run = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._worker is not None:
+            return
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._worker = asyncio.get_running_loop().create_task(
+            self._run(), name=f"batcher-{self.name}"
+        )
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                pending = self._queue.get_nowait()
+                if not pending.future.done():
+                    pending.future.set_exception(Overloaded("server is shutting down"))
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return 0 if self._queue is None else self._queue.qsize()
+
+    # -- request side ----------------------------------------------------------------------
+    async def submit(self, item: In) -> Out:
+        if self._queue is None:
+            raise RuntimeError(f"batcher {self.name} is not started")
+        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(item, future, time.monotonic()))
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"the {self.name} queue is full ({self.max_queue} waiting); retry shortly",
+                retry_after_s=1.0,
+            ) from None
+        QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise Overloaded(
+                f"the {self.name} request waited over {self.request_timeout_s:.0f}s; retry shortly",
+                retry_after_s=2.0,
+            ) from None
+        except asyncio.CancelledError:
+            # The client went away: mark the item so the worker skips it.
+            future.cancel()
+            raise
+
+    async def submit_many(self, items: Sequence[In]) -> list[Out]:
+        return list(await asyncio.gather(*(self.submit(item) for item in items)))
+
+    # -- worker side -----------------------------------------------------------------------
+    async def _collect(self) -> list[_Pending[In, Out]]:
+        assert self._queue is not None
+        first = await self._queue.get()
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            assert self._queue is not None
+            QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
+            # Requests whose client disconnected (or timed out) are not worth a forward pass.
+            live = [p for p in batch if not p.future.done()]
+            if not live:
+                continue
+            BATCH_SIZE.labels(self.name).observe(len(live))
+            try:
+                outputs = await loop.run_in_executor(
+                    self._executor, self._fn, [p.item for p in live]
+                )
+                if len(outputs) != len(live):
+                    raise RuntimeError(
+                        f"{self.name}: batch function returned {len(outputs)} results "
+                        f"for {len(live)} items"
+                    )
+            except Exception as exc:  # a failed batch fails every request in it
+                log.exception("batch %s of %d failed", self.name, len(live))
+                for pending in live:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            finally:
+                self.batches_run += 1
+            for pending, output in zip(live, outputs, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(output)

@@ -1,0 +1,104 @@
+"""Service settings: one pydantic-settings class, read from XMODAL_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSettings(BaseModel):
+    """Which encoder to load. Env: XMODAL_MODEL__NAME, XMODAL_MODEL__PRETRAINED, ..."""
+
+    # open_clip architecture name, or the built-in "xmodal-tiny".
+    name: str = "ViT-B-32"
+    # open_clip pretrained tag, a local weights file, or "none" (random init, for tests/benchmarks).
+    pretrained: str = "laion2b_s34b_b79k"
+    # A checkpoint written by `xmodal train`; overrides name/pretrained when set.
+    checkpoint: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: fp16 autocast on CUDA, fp32 on CPU. bf16 runs the towers in bfloat16 on CPUs that
+    # support it (about 4x the fp32 matmul rate here; see README: Performance).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Where open_clip / Hugging Face keep downloaded weights.
+    cache_dir: Path | None = None
+
+
+class BatchSettings(BaseModel):
+    """Dynamic batching of concurrent requests into one forward pass per model call."""
+
+    # 1 disables batching (each request runs its own forward pass).
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    # How long the first request of a batch waits for company.
+    max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    # Requests waiting beyond this are refused at once with 503 + Retry-After.
+    max_queue: int = Field(256, ge=1, le=100_000)
+    # A request waiting longer than this in the queue gets a 503 instead of a hang.
+    request_timeout_s: float = Field(30.0, gt=0)
+
+
+class LimitSettings(BaseModel):
+    """Request limits, enforced before any expensive work."""
+
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    # A whole request body (all files of a multipart upload together).
+    max_request_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(50_000_000, ge=64 * 64)
+    max_files_per_request: int = Field(64, ge=1)
+    max_query_chars: int = Field(1000, ge=1)
+    max_k: int = Field(1000, ge=1)
+    max_metadata_bytes: int = Field(16 * 1024, ge=2)
+    max_texts_per_request: int = Field(256, ge=1)
+    max_rerank_k: int = Field(128, ge=1)
+
+
+class IndexSettings(BaseModel):
+    """FAISS index choice and persistence."""
+
+    # "auto" picks by collection size: exact below exact_max, then HNSW, then IVF-PQ above hnsw_max.
+    kind: Literal["auto", "exact", "hnsw", "ivfpq"] = "auto"
+    exact_max: int = Field(50_000, ge=0)
+    hnsw_max: int = Field(2_000_000, ge=0)
+    hnsw_m: int = Field(32, ge=4, le=128)
+    hnsw_ef_search: int = Field(128, ge=8)
+    hnsw_ef_construction: int = Field(80, ge=8)
+    ivf_nprobe: int = Field(32, ge=1)
+    # Save the in-memory indexes after this many changes or seconds (SQLite stays the truth).
+    save_every_changes: int = Field(1000, ge=1)
+    save_every_s: float = Field(60.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="XMODAL_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Bearer token guarding /v1; empty means no authentication.
+    api_key: str = ""
+    # CORS stays off unless origins are listed.
+    cors_origins: list[str] = Field(default_factory=list)
+    # On a model change over an existing data dir: refuse (default) or re-embed everything.
+    reembed_on_model_change: bool = False
+    thumbnail_px: int = Field(256, ge=16, le=2048)
+    log_level: str = "info"
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+
+    @field_validator("api_key")
+    @classmethod
+    def _strip_key(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_index_bounds(self) -> Settings:
+        if self.index.hnsw_max < self.index.exact_max:
+            raise ValueError("index.hnsw_max must be >= index.exact_max")
+        return self

@@ -1,0 +1,39 @@
+"""Dependencies shared by the routes: the runtime, settings and the API key check."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.config import Settings
+from app.errors import Unauthorized
+from app.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    expected = settings.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # Constant-time comparison of bytes; the token is never logged or echoed.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode("utf-8", "surrogateescape"), expected.encode()
+    ):
+        raise Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")

@@ -1,0 +1,78 @@
+"""/v1/search/*: text-to-image, image-to-image, image-to-text."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from app.deps import RuntimeDep
+from app.routes.common import ERROR_RESPONSES, parse_filter, spool_all
+from app.schemas import HARD_MAX_K, ImageResults, TextResults, TextSearch
+from app.services import search as search_service
+from app.services.library import UploadSource
+from app.views import image_hit, text_hit
+
+router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
+
+KForm = Annotated[int, Form(ge=1, le=HARD_MAX_K)]
+FilterForm = Annotated[str | None, Form(description="JSON object of metadata conditions")]
+FileForm = Annotated[UploadFile | None, File(description="the query image")]
+ImageIdForm = Annotated[int | None, Form(ge=1, description="a stored image as the query")]
+
+
+async def _source(runtime: RuntimeDep, file: UploadFile | None) -> UploadSource | None:
+    if file is None:
+        return None
+    return (await spool_all(runtime, [file]))[0]
+
+
+@router.post("/text", response_model=ImageResults)
+async def search_text(runtime: RuntimeDep, body: TextSearch) -> ImageResults:
+    outcome = await search_service.search_by_text(
+        runtime,
+        body.query,
+        k=body.k,
+        filter_=body.filter,
+        rerank=body.rerank,
+        rerank_k=body.rerank_k,
+    )
+    return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
+
+
+@router.post("/image", response_model=ImageResults)
+async def search_image(
+    runtime: RuntimeDep,
+    file: FileForm = None,
+    image_id: ImageIdForm = None,
+    k: KForm = 10,
+    filter: FilterForm = None,
+) -> ImageResults:
+    filter_ = parse_filter(filter)
+    outcome = await search_service.search_by_image(
+        runtime, source=await _source(runtime, file), image_id=image_id, k=k, filter_=filter_
+    )
+    return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
+
+
+@router.post("/image-to-text", response_model=TextResults)
+async def search_image_to_text(
+    runtime: RuntimeDep,
+    file: FileForm = None,
+    image_id: ImageIdForm = None,
+    k: KForm = 10,
+    filter: FilterForm = None,
+    rerank: Annotated[bool, Form()] = False,
+    rerank_k: Annotated[int | None, Form(ge=1, le=1024)] = None,
+) -> TextResults:
+    filter_ = parse_filter(filter)
+    outcome = await search_service.search_texts_by_image(
+        runtime,
+        source=await _source(runtime, file),
+        image_id=image_id,
+        k=k,
+        filter_=filter_,
+        rerank=rerank,
+        rerank_k=rerank_k,
+    )
+    return TextResults(results=[text_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)

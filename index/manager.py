@@ -1,0 +1,244 @@
+"""One searchable collection (images or texts): the SQLite rows plus a FAISS cache of them.
+
+The FAISS index is never the truth. It records the store's change sequence number it reflects;
+`catch_up()` applies newer changes from the store's change log in order, so an index saved at
+any moment, or rebuilt in the background, converges to exactly the store's content.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.store import Kind, MetadataStore
+from index.vectors import (
+    SMALL_FILTER,
+    IndexFileError,
+    IndexKind,
+    IndexParams,
+    VectorIndex,
+    choose_kind,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectionPolicy:
+    kind: IndexKind | None = None  # None: choose by size
+    exact_max: int = 50_000
+    hnsw_max: int = 2_000_000
+    params: IndexParams | None = None
+    save_every_changes: int = 1000
+    # HNSW keeps deleted vectors as tombstones; rebuild when they pass this share.
+    max_tombstone_share: float = 0.2
+
+
+@dataclass
+class SearchHit:
+    id: int
+    score: float
+
+
+class IndexedCollection:
+    def __init__(
+        self,
+        store: MetadataStore,
+        kind: Kind,
+        index_path: Path,
+        *,
+        dim: int,
+        fingerprint: str,
+        policy: CollectionPolicy,
+    ) -> None:
+        self.store = store
+        self.item_kind: Kind = kind
+        self.index_path = index_path
+        self.dim = dim
+        self.fingerprint = fingerprint
+        self.policy = policy
+        self._index = VectorIndex(dim, self._params_for(0))
+        self._catch_up_lock = threading.Lock()
+        self._rebuild_thread: threading.Thread | None = None
+        self._saved_seq = -1
+        self._changes_since_save = 0
+        self._last_save = time.monotonic()
+        self.loaded_from: str = "new"
+
+    # -- start-up --------------------------------------------------------------------------
+    def _params_for(self, n: int) -> IndexParams:
+        base = self.policy.params or IndexParams()
+        kind = self.policy.kind or choose_kind(
+            n, exact_max=self.policy.exact_max, hnsw_max=self.policy.hnsw_max
+        )
+        return replace(base, kind=kind)
+
+    def open(self) -> None:
+        """Load the saved index if it is sound, else rebuild from the store; then catch up."""
+        try:
+            self._index = VectorIndex.load(
+                self.index_path, fingerprint=self.fingerprint, dim=self.dim
+            )
+            self.loaded_from = "file"
+            self._saved_seq = self._index.applied_seq
+        except IndexFileError as exc:
+            if self.index_path.exists():
+                log.warning("%s; rebuilding the %s index from SQLite", exc, self.item_kind)
+            self._index = self._build_from_snapshot()
+            self.loaded_from = "rebuilt" if self.index_path.exists() else "store"
+        self.catch_up()
+
+    def _build_from_snapshot(self) -> VectorIndex:
+        started = time.monotonic()
+        seq, ids, vectors = self.store.snapshot(self.item_kind)
+        index = VectorIndex(self.dim, self._params_for(len(ids)))
+        if len(ids):
+            if not index.is_trained:
+                index.train(vectors)
+            index.add(ids, vectors)
+        index.applied_seq = seq
+        log.info(
+            "built %s index (%s) over %d vectors in %.1fs",
+            self.item_kind, index.kind, len(ids), time.monotonic() - started,
+        )  # fmt: skip
+        return index
+
+    # -- keeping up with the store ---------------------------------------------------------
+    def catch_up(self) -> int:
+        """Apply the store's changes after the index's sequence number. Returns how many."""
+        with self._catch_up_lock:
+            index = self._index
+            applied = _apply_changes(self.store, self.item_kind, index)
+            self._changes_since_save += applied
+        if applied:
+            self._maybe_rebuild_in_background()
+        return applied
+
+    @property
+    def needs_save(self) -> bool:
+        return self._index.applied_seq != self._saved_seq
+
+    def save(self) -> bool:
+        if not self.needs_save:
+            return False
+        index = self._index
+        seq = index.applied_seq
+        index.save(self.index_path, fingerprint=self.fingerprint)
+        self._saved_seq = seq
+        self._changes_since_save = 0
+        self._last_save = time.monotonic()
+        return True
+
+    def save_if_due(self, max_age_s: float) -> bool:
+        """Save after enough changes, or when unsaved changes are older than `max_age_s`."""
+        if not self.needs_save:
+            return False
+        overdue = time.monotonic() - self._last_save >= max_age_s
+        if overdue or self._changes_since_save >= self.policy.save_every_changes:
+            return self.save()
+        return False
+
+    # -- background rebuild ----------------------------------------------------------------
+    def _rebuild_reason(self) -> str | None:
+        index = self._index
+        live = len(index)
+        wanted = self._params_for(live).kind
+        if wanted != index.kind:
+            return f"{live} vectors call for {wanted} (now {index.kind})"
+        total = live + index.tombstones
+        if index.tombstones and index.tombstones / max(total, 1) > self.policy.max_tombstone_share:
+            return f"{index.tombstones} of {total} vectors are deleted"
+        return None
+
+    def _maybe_rebuild_in_background(self) -> None:
+        reason = self._rebuild_reason()
+        if reason is None or (self._rebuild_thread and self._rebuild_thread.is_alive()):
+            return
+        log.info("rebuilding the %s index in the background: %s", self.item_kind, reason)
+        self._rebuild_thread = threading.Thread(
+            target=self.rebuild, name=f"rebuild-{self.item_kind}", daemon=True
+        )
+        self._rebuild_thread.start()
+
+    def rebuild(self) -> None:
+        """Build a fresh index from a store snapshot without blocking searches or writes,
+        then catch it up with the changes made meanwhile and swap it in."""
+        fresh = self._build_from_snapshot()
+        with self._catch_up_lock:
+            _apply_changes(self.store, self.item_kind, fresh)
+            self._index = fresh
+            self._changes_since_save = self.policy.save_every_changes  # save soon
+
+    def wait_for_rebuild(self, timeout: float | None = None) -> None:
+        thread = self._rebuild_thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- queries ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def index_kind(self) -> str:
+        return self._index.kind
+
+    def info(self) -> dict[str, Any]:
+        index = self._index
+        return {
+            "type": index.kind,
+            "size": len(index),
+            "tombstones": index.tombstones,
+            "seq": index.applied_seq,
+            "loaded_from": self.loaded_from,
+        }
+
+    def search(
+        self, queries: np.ndarray, k: int, *, filter_: dict[str, Any] | None = None
+    ) -> list[list[SearchHit]]:
+        allowed = None if not filter_ else self.store.filter_ids(self.item_kind, filter_)
+        allowed_vectors = None
+        index = self._index
+        if allowed is not None and 0 < len(allowed) <= SMALL_FILTER and index.kind != "exact":
+            found = self.store.embeddings_for(self.item_kind, [int(i) for i in allowed])
+            allowed = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
+            allowed_vectors = (
+                np.stack(list(found.values())) if found else np.zeros((0, self.dim), np.float32)
+            )
+        k_eff = max(1, min(k, len(index) if allowed is None else len(allowed)))
+        scores, ids = index.search(queries, k_eff, allowed, allowed_vectors)
+        return [
+            [SearchHit(int(i), float(s)) for s, i in zip(row_s, row_i, strict=True) if i >= 0]
+            for row_s, row_i in zip(scores, ids, strict=True)
+        ]
+
+
+def _apply_changes(store: MetadataStore, kind: Kind, index: VectorIndex) -> int:
+    changes = store.changes_since(kind, index.applied_seq)
+    if not changes:
+        return 0
+    # Net effect per id, in sequence order: ids are never reused, so an id is added at most
+    # once and deleted at most once.
+    added: list[int] = []
+    deleted: set[int] = set()
+    for change in changes:
+        if change.op == "add":
+            added.append(change.item_id)
+        else:
+            deleted.add(change.item_id)
+    to_add = [i for i in added if i not in deleted]
+    vectors = store.embeddings_for(kind, to_add)
+    ids = [i for i in to_add if i in vectors]
+    if ids:
+        index.add(np.asarray(ids, dtype=np.int64), np.stack([vectors[i] for i in ids]))
+    # Deleted ids that were added before this batch of changes are in the index already.
+    stale = [i for i in deleted if i not in set(added)]
+    if stale:
+        index.remove(np.asarray(stale, dtype=np.int64))
+    index.applied_seq = changes[-1].seq
+    return len(changes)

@@ -1,0 +1,76 @@
+"""Attention-fusion re-ranker: text tokens attend to image patches, an ITM head scores the pair.
+
+Each layer is open_clip's `ResidualAttentionBlock`: a self-attention block over the text tokens
+(padding masked) followed by a cross-attention block (`is_cross_attention=True`) whose keys and
+values are the image patch tokens. The head reads the pooled text tokens and returns one logit:
+sigmoid(logit) is the probability that the caption matches the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from open_clip.transformer import LayerNorm, ResidualAttentionBlock
+from torch import nn
+
+
+@dataclass
+class FusionConfig:
+    text_width: int  # width of the text tower's token features
+    image_width: int  # width of the image tower's patch features
+    width: int = 128  # width inside the fusion blocks
+    layers: int = 2  # (self-attention, cross-attention) pairs
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
+        return cls(**data)
+
+
+class FusionReranker(nn.Module):
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_in = nn.Linear(cfg.text_width, cfg.width)
+        self.image_in = nn.Linear(cfg.image_width, cfg.width)
+        self.self_blocks = nn.ModuleList(
+            ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_ratio, batch_first=True)
+            for _ in range(cfg.layers)
+        )
+        self.cross_blocks = nn.ModuleList(
+            ResidualAttentionBlock(
+                cfg.width, cfg.heads, cfg.mlp_ratio, is_cross_attention=True, batch_first=True
+            )
+            for _ in range(cfg.layers)
+        )
+        self.ln_final = LayerNorm(cfg.width)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, 1)
+        )
+
+    def forward(
+        self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """text_tokens [B, L, Wt], text_mask [B, L] (True = real), image_tokens [B, P, Wv]
+        -> match logits [B]."""
+        dtype = self.text_in.weight.dtype
+        t = self.text_in(text_tokens.to(dtype))  # [B, L, W]
+        v = self.image_in(image_tokens.to(dtype))  # [B, P, W]
+        batch, length, _ = t.shape
+        # Additive key-padding mask for self-attention: [B * heads, L, L].
+        pad = torch.zeros(batch, 1, length, dtype=t.dtype, device=t.device)
+        pad = pad.masked_fill(~text_mask[:, None, :], float("-inf"))
+        pad = pad.expand(batch, length, length).repeat_interleave(self.cfg.heads, dim=0)
+        for self_block, cross_block in zip(self.self_blocks, self.cross_blocks, strict=True):
+            t = self_block(t, attn_mask=pad)
+            t = cross_block(t, k_x=v, v_x=v)
+        t = self.ln_final(t)
+        weights = text_mask.to(t.dtype)[..., None]  # [B, L, 1]
+        pooled = (t * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # [B, W]
+        return self.head(pooled).squeeze(-1)  # [B]

@@ -1,0 +1,135 @@
+"""Image decoding: bytes in, an upright RGB picture out, with limits checked before decoding.
+
+Handles EXIF orientation, animated files (first frame), palette/alpha (composited on white),
+CMYK, 16-bit and float greyscale. Raises one of three errors a caller can map to a status.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}
+MIME_BY_FORMAT = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+
+
+class ImageError(ValueError):
+    """Base of decoding errors."""
+
+
+class NotAnImage(ImageError):
+    """The bytes are not an image in a supported format."""
+
+
+class CorruptImage(ImageError):
+    """The bytes start like an image but cannot be decoded (truncated or damaged)."""
+
+
+class ImageTooLarge(ImageError):
+    """The header declares more pixels than allowed; refused before decoding."""
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB, EXIF-upright
+    width: int  # of the stored original, after EXIF rotation
+    height: int
+    format: str
+    mime: str
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit and float greyscale: PIL's convert("L") clips instead of scaling.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        grey = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    # CMYK (PIL undoes Adobe's inversion), YCbCr, LAB, HSV, 1, L.
+    return img.convert("RGB")
+
+
+def decode_image(
+    source: bytes | Path | BinaryIO, *, max_pixels: int, draft_px: int | None = None
+) -> DecodedImage:
+    """Decode to upright RGB. `draft_px` lets JPEG decode at a reduced scale that still
+    covers that many pixels on the short side (much faster for large photos)."""
+    fp: BinaryIO | Path = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own pixel limit below; PIL's own bomb check must not fire first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except UnidentifiedImageError:
+        raise NotAnImage(
+            "not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImage(f"image header could not be read: {exc}") from None
+    fmt = img.format or ""
+    if fmt not in ALLOWED_FORMATS:
+        raise NotAnImage(f"image format {fmt or 'unknown'} is not supported")
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise CorruptImage("image has no pixels")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not sink an otherwise good image
+        orientation = 1
+    try:
+        if draft_px and fmt in ("JPEG", "MPO"):
+            scale = min(width, height) / draft_px
+            if scale >= 2:
+                img.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
+        img.seek(0)  # animated GIF/WebP/TIFF: the first frame
+        img.load()
+        upright: Image.Image = ImageOps.exif_transpose(img) if orientation != 1 else img
+        rgb = _to_rgb(upright)
+        rgb.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        raise CorruptImage(f"image is truncated or corrupt: {exc}") from None
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return DecodedImage(rgb, width, height, fmt, MIME_BY_FORMAT[fmt])
+
+
+def make_thumbnail(image: Image.Image, size_px: int, quality: int = 85) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail((size_px, size_px), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    thumb.save(out, format="JPEG", quality=quality, optimize=True)
+    return out.getvalue()
