@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -108,13 +108,18 @@ class LatencyMiddleware:
             )
 
 
-def create_app(settings: Settings | None = None, *, encoder: Encoder | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    encoder: Encoder | None = None,
+    on_startup_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
     """`encoder` lets tests share one loaded model across apps; normally it is loaded here."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings)
+        runtime = Runtime(settings, on_startup_failure=on_startup_failure)
         app.state.runtime = runtime
         runtime.start_loading(encoder)
         try:

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -190,8 +191,11 @@ def _check_model(store: MetadataStore, encoder: Encoder, *, reembed: bool) -> No
 class Runtime:
     """The service's state: the library, the batchers, and the readiness flag."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, on_startup_failure: Callable[[str], None] | None = None
+    ) -> None:
         self.settings = settings
+        self._on_startup_failure = on_startup_failure
         self.library: Library | None = None
         self.text_batcher: DynamicBatcher[str, np.ndarray] | None = None
         self.image_batcher: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
@@ -224,7 +228,8 @@ class Runtime:
         except Exception as exc:
             self.startup_error = f"{type(exc).__name__}: {exc}"
             log.error("start-up failed: %s", self.startup_error)
-            raise
+            if self._on_startup_failure is not None:
+                self._on_startup_failure(self.startup_error)
 
     def _start_batchers(self, encoder: Encoder) -> None:
         b = self.settings.batch

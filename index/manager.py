@@ -63,7 +63,7 @@ class IndexedCollection:
         self.dim = dim
         self.fingerprint = fingerprint
         self.policy = policy
-        self._index = VectorIndex(dim, self._params_for(0))
+        self._index = VectorIndex(dim, self._params_for(0), self._exact_vectors)
         self._catch_up_lock = threading.Lock()
         self._rebuild_thread: threading.Thread | None = None
         self._saved_seq = -1
@@ -83,7 +83,10 @@ class IndexedCollection:
         """Load the saved index if it is sound, else rebuild from the store; then catch up."""
         try:
             self._index = VectorIndex.load(
-                self.index_path, fingerprint=self.fingerprint, dim=self.dim
+                self.index_path,
+                fingerprint=self.fingerprint,
+                dim=self.dim,
+                exact_vectors=self._exact_vectors,
             )
             self.loaded_from = "file"
             self._saved_seq = self._index.applied_seq
@@ -97,7 +100,7 @@ class IndexedCollection:
     def _build_from_snapshot(self) -> VectorIndex:
         started = time.monotonic()
         seq, ids, vectors = self.store.snapshot(self.item_kind)
-        index = VectorIndex(self.dim, self._params_for(len(ids)))
+        index = VectorIndex(self.dim, self._params_for(len(ids)), self._exact_vectors)
         if len(ids):
             if not index.is_trained:
                 index.train(vectors)
@@ -108,6 +111,12 @@ class IndexedCollection:
             self.item_kind, index.kind, len(ids), time.monotonic() - started,
         )  # fmt: skip
         return index
+
+    def _exact_vectors(self, ids: np.ndarray) -> np.ndarray:
+        found = self.store.embeddings_for(self.item_kind, [int(i) for i in ids])
+        # an id deleted meanwhile scores -inf-like (zero vector) and sorts last
+        zero = np.zeros(self.dim, dtype=np.float32)
+        return np.stack([found.get(int(i), zero) for i in ids])
 
     # -- keeping up with the store ---------------------------------------------------------
     def catch_up(self) -> int:

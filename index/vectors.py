@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,24 +67,33 @@ def _new_faiss_index(dim: int, params: IndexParams, n_hint: int) -> Any:
         hnsw.hnsw.efConstruction = params.hnsw_ef_construction
         hnsw.hnsw.efSearch = params.hnsw_ef_search
         return faiss.IndexIDMap2(hnsw)
-    # IVF-PQ with an exact re-scoring of the top candidates (PQ alone plateaus near 0.4
-    # recall@10 on 512-d embeddings; FACTS.md).
+    # IVF-PQ keeps ~pq_m bytes per vector in memory. PQ scores alone plateau near 0.4
+    # recall@10 on 512-d embeddings (FACTS.md), so `search` re-scores the top candidates with
+    # exact vectors fetched from the store (on disk) through `exact_vectors`.
     nlist = max(1, min(params.ivf_nlist, n_hint // 39 if n_hint else params.ivf_nlist))
     pq_m = params.pq_m if dim % params.pq_m == 0 else 1
     quantizer = faiss.IndexFlatIP(dim)
     ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
     ivf.nprobe = params.ivf_nprobe
-    refine = faiss.IndexRefineFlat(ivf)
-    refine.k_factor = float(params.refine_factor)
-    return faiss.IndexIDMap2(refine)
+    return faiss.IndexIDMap2(ivf)
+
+
+ExactVectors = Callable[[np.ndarray], np.ndarray]
 
 
 class VectorIndex:
-    """Thread-safe. One instance per (kind of item) collection."""
+    """Thread-safe. One instance per (kind of item) collection.
 
-    def __init__(self, dim: int, params: IndexParams) -> None:
+    `exact_vectors(ids) -> [len(ids), dim]` gives the stored vectors; IVF-PQ uses it to re-score
+    its candidates exactly.
+    """
+
+    def __init__(
+        self, dim: int, params: IndexParams, exact_vectors: ExactVectors | None = None
+    ) -> None:
         self.dim = dim
         self.params = params
+        self.exact_vectors = exact_vectors
         self._index: Any = _new_faiss_index(dim, params, 0)
         self._tombstones: set[int] = set()
         self._lock = threading.RLock()
@@ -160,6 +170,8 @@ class VectorIndex:
             return empty
         if allowed is not None and allowed_vectors is not None:
             return _exact_subset(queries, k, allowed, allowed_vectors)
+        refine = self.params.kind == "ivfpq" and self.exact_vectors is not None
+        k_search = k * max(1, self.params.refine_factor) if refine else k
         with self._lock:
             if self._index.ntotal == 0:
                 return empty
@@ -169,16 +181,36 @@ class VectorIndex:
             if self._tombstones:
                 dead = np.fromiter(self._tombstones, dtype=np.int64, count=len(self._tombstones))
                 selectors.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(dead)))
-            params = self._search_params(k)
+            params = self._search_params(k_search)
             if len(selectors) == 2:
                 params.sel = faiss.IDSelectorAnd(selectors[0], selectors[1])
             elif selectors:
                 params.sel = selectors[0]
             # keep the selectors alive until the search returns (SWIG holds raw pointers)
-            scores, ids = self._index.search(queries, k, params=params)
+            scores, ids = self._index.search(queries, k_search, params=params)
             del selectors
+        if refine:
+            return self._rescore(queries, ids.astype(np.int64), k)
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids.astype(np.int64)
+
+    def _rescore(
+        self, queries: np.ndarray, candidates: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        assert self.exact_vectors is not None
+        n = queries.shape[0]
+        scores = np.full((n, k), -np.inf, dtype=np.float32)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        for row in range(n):
+            found = candidates[row][candidates[row] >= 0]
+            if len(found) == 0:
+                continue
+            vectors = self.exact_vectors(found)  # [m, dim]
+            exact = vectors @ queries[row]
+            order = np.argsort(-exact, kind="stable")[:k]
+            scores[row, : len(order)] = exact[order]
+            ids[row, : len(order)] = found[order]
+        return scores, ids
 
     def _search_params(self, k: int) -> Any:
         if self.params.kind == "hnsw":
@@ -229,7 +261,9 @@ class VectorIndex:
             raise
 
     @classmethod
-    def load(cls, path: Path, *, fingerprint: str, dim: int) -> VectorIndex:
+    def load(
+        cls, path: Path, *, fingerprint: str, dim: int, exact_vectors: ExactVectors | None = None
+    ) -> VectorIndex:
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -251,7 +285,7 @@ class VectorIndex:
         if header.get("fingerprint") != fingerprint or header.get("dim") != dim:
             raise IndexFileError(f"{path} was built with another model")
         payload_bytes = int(header["payload_bytes"])
-        index = cls(dim, IndexParams(**header["params"]))
+        index = cls(dim, IndexParams(**header["params"]), exact_vectors)
         index._index = faiss.deserialize_index(
             np.frombuffer(body[:payload_bytes], dtype=np.uint8).copy()
         )

@@ -1,0 +1,306 @@
+"""`xmodal serve | index | search | train | eval | synth`.
+
+Every option also reads from the environment (XMODAL_ prefix, __ for nesting) through the one
+Settings class; a flag given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="open_clip architecture, or xmodal-tiny")
+    group.add_argument("--pretrained", help="pretrained tag, local weights file, or none")
+    group.add_argument("--checkpoint", type=Path, help="checkpoint written by `xmodal train`")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    group.add_argument("--cache-dir", type=Path, help="where downloaded weights are kept")
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {
+        "name": args.model,
+        "pretrained": args.pretrained,
+        "checkpoint": args.checkpoint,
+        "device": args.device,
+        "precision": args.precision,
+        "cache_dir": args.cache_dir,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Any:
+    from app.config import Settings
+
+    overrides: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
+    model = _model_overrides(args)
+    if model:
+        overrides["model"] = model
+    if getattr(args, "data_dir", None) is not None:
+        overrides["data_dir"] = args.data_dir
+    return Settings(**overrides)
+
+
+def _encoder_spec(args: argparse.Namespace) -> Any:
+    from app.runtime import encoder_spec
+
+    return encoder_spec(_settings(args))
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        reembed_on_model_change=True if args.reembed else None,
+    )
+    failed: list[str] = []
+
+    def stop_on_failure(reason: str) -> None:
+        # A server that can never become ready should exit, not idle behind a 503.
+        failed.append(reason)
+        print(f"xmodal: start-up failed: {reason}", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    app = create_app(settings, on_startup_failure=stop_on_failure)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 2 if failed else 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    if args.url:
+        from app.client import XmodalClient
+
+        metadata = json.loads(args.metadata) if args.metadata else None
+        count = 0
+        with XmodalClient(args.url, api_key=args.api_key) as client:
+            for item in client.upload(args.paths, metadata=metadata, batch=args.batch_size):
+                count += 1
+                if args.verbose:
+                    print(
+                        f"{item.id}\t{'duplicate' if item.duplicate else 'added'}\t{item.filename}"
+                    )
+        print(f"uploaded {count} files to {args.url}")
+        return 0
+
+    from app.runtime import Library
+    from app.services.bulk import index_paths
+    from models.factory import load_encoder
+
+    settings = _settings(args)
+    encoder = load_encoder(_encoder_spec(args))
+    library = Library.open(settings, encoder)
+    try:
+        report = index_paths(
+            library,
+            [Path(p) for p in args.paths],
+            batch_size=args.batch_size,
+            workers=args.workers,
+            metadata=json.loads(args.metadata) if args.metadata else None,
+            progress=not args.quiet,
+        )
+    finally:
+        library.close()
+    for path, reason in report.failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(
+        f"{report.added} added, {report.skipped_known} already stored, {len(report.failed)} "
+        f"failed, {report.texts_added} captions added, {report.images_per_s:.1f} images/s"
+    )
+    return 0 if not report.failed or report.added else 1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    results: list[dict[str, Any]]
+    if args.url:
+        from app.client import XmodalClient
+
+        with XmodalClient(args.url, api_key=args.api_key) as client:
+            hits = client.search_text(args.query, k=args.k)
+        results = [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]
+    else:
+        from app.runtime import Library
+        from models.factory import load_encoder
+
+        settings = _settings(args)
+        encoder = load_encoder(_encoder_spec(args))
+        library = Library.open(settings, encoder, lock=False)
+        try:
+            vector = encoder.encode_texts([args.query])
+            found = library.images.search(vector, args.k)[0]
+            items = library.store.get_many("image", [h.id for h in found])
+            results = [
+                {
+                    "id": h.id,
+                    "score": h.score,
+                    "path": str(library.media.path_of(items[h.id].media_path or "")),
+                    "metadata": items[h.id].metadata,
+                }
+                for h in found
+                if h.id in items
+            ]
+        finally:
+            library.store.close()
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"{r['score']:.4f}\t{r['id']}\t{r.get('path', '')}\t{json.dumps(r['metadata'])}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.training import train_main
+
+    out = train_main(
+        args.data,
+        args.out,
+        model=args.model or "xmodal-tiny",
+        pretrained=args.pretrained or "none",
+        checkpoint=args.checkpoint,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        freeze_towers=args.freeze_towers,
+        seed=args.seed,
+        device=args.device or "auto",
+        fusion_layers=args.fusion_layers,
+        workers=args.workers,
+        max_minutes=args.max_minutes,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from models.evaluation import eval_main, format_table
+
+    if args.checkpoint is None and args.model is None:
+        print("xmodal eval: give --checkpoint CKPT or --model M --pretrained P", file=sys.stderr)
+        return 2
+    result = eval_main(args.data, _encoder_spec(args), rerank_k=args.rerank_k)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from models.synthetic import synth_main
+
+    print(synth_main(args.out, args.n, args.seed, args.twins))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
+    serve.add_argument("--reembed", action="store_true", help="re-embed on a model change")
+    _add_model_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    index = sub.add_parser("index", help="index folders of images or a dataset CSV")
+    index.add_argument("paths", nargs="+")
+    index.add_argument("--data-dir", type=Path)
+    index.add_argument("--url", help="upload to a running server instead of a data dir")
+    index.add_argument("--api-key")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    index.add_argument("--metadata", help="JSON object stored with every image")
+    index.add_argument("--quiet", action="store_true")
+    _add_model_options(index)
+    index.set_defaults(func=cmd_index)
+
+    search = sub.add_parser("search", help="text-to-image search")
+    search.add_argument("query")
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--data-dir", type=Path)
+    search.add_argument("--url")
+    search.add_argument("--api-key")
+    search.add_argument("--json", action="store_true")
+    _add_model_options(search)
+    search.set_defaults(func=cmd_search)
+
+    train = sub.add_parser("train", help="train the towers and the fusion re-ranker")
+    train.add_argument("--data", type=Path, required=True)
+    train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--freeze-towers", action="store_true")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--fusion-layers", type=int, default=2)
+    train.add_argument("--workers", type=int, default=2)
+    train.add_argument("--max-minutes", type=float)
+    _add_model_options(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="Recall@1/5/10, with and without re-ranking")
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--rerank-k", type=int, default=16)
+    evaluate.add_argument("--json", action="store_true")
+    _add_model_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    synth = sub.add_parser("synth", help="write a synthetic shapes dataset (CSV + PNGs)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--n", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--twins", action="store_true", help="near-twin groups (held-out split)")
+    synth.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from models.factory import WeightsUnavailable
+
+    try:
+        return int(args.func(args))
+    except WeightsUnavailable as exc:
+        print(f"xmodal: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from app.errors import XmodalError
+        from app.runtime import DataDirLocked
+        from index.store import StoreVersionError
+        from models.checkpoint import CheckpointError
+
+        if isinstance(exc, XmodalError | DataDirLocked | StoreVersionError | CheckpointError):
+            print(f"xmodal: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Dynamic batching: fewer forward passes than requests, same results as one at a time,
+failures reach every request of a batch, a full queue answers 503 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from app.batching import DynamicBatcher
+from app.errors import Overloaded
+from app.main import create_app
+from models.encoder import Encoder
+from tests.conftest import image_bytes, make_settings
+
+pytestmark = pytest.mark.anyio
+
+QUERIES = [f"query {i} " + "word " * (i % 7) for i in range(24)]
+
+
+async def _ready_client(app) -> httpx.AsyncClient:  # type: ignore[no-untyped-def]
+    await app.state.runtime.wait_ready()
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_concurrent_text_searches_share_forward_passes(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path / "d", batch={"max_batch_size": 16, "max_wait_ms": 50})
+    app = create_app(settings, encoder=encoder)
+    async with app.router.lifespan_context(app):
+        client = await _ready_client(app)
+        async with client:
+            embed = [
+                (await client.post("/v1/embed/text", json={"texts": [q]})).json()["embeddings"][0]
+                for q in QUERIES[:4]
+            ]
+            batcher = app.state.runtime.text_batcher
+            before = batcher.batches_run
+            responses = await asyncio.gather(
+                *(client.post("/v1/embed/text", json={"texts": [q]}) for q in QUERIES)
+            )
+            passes = batcher.batches_run - before
+    assert all(r.status_code == 200 for r in responses)
+    assert passes < len(QUERIES), passes
+    batched = [r.json()["embeddings"][0] for r in responses[:4]]
+    np.testing.assert_allclose(np.array(batched), np.array(embed), atol=1e-5)
+
+
+async def test_concurrent_image_uploads_share_forward_passes(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path / "d", batch={"max_batch_size": 8, "max_wait_ms": 50})
+    app = create_app(settings, encoder=encoder)
+    async with app.router.lifespan_context(app):
+        client = await _ready_client(app)
+        async with client:
+            single = (
+                await client.post(
+                    "/v1/embed/image", files={"files": ("a.png", image_bytes(0), "image/png")}
+                )
+            ).json()["embeddings"][0]
+            batcher = app.state.runtime.image_batcher
+            before = batcher.batches_run
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/embed/image", files={"files": ("a.png", image_bytes(i), "image/png")}
+                    )
+                    for i in range(12)
+                )
+            )
+            passes = batcher.batches_run - before
+    assert all(r.status_code == 200 for r in responses)
+    assert passes < 12
+    np.testing.assert_allclose(responses[0].json()["embeddings"][0], single, atol=1e-5)
+
+
+async def test_batched_equals_single_for_the_encoder(encoder: Encoder) -> None:
+    texts = ["a", "a red circle left of a blue square", "two dogs", "x " * 20]
+    together = encoder.encode_texts(texts)
+    alone = np.stack([encoder.encode_texts([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+async def test_failed_batch_fails_every_request() -> None:
+    calls = 0
+
+    def explode(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        raise ValueError("boom")
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        "t", explode, max_batch_size=8, max_wait_ms=30, max_queue=16
+    )
+    batcher.start()
+    try:
+        results = await asyncio.gather(
+            *(batcher.submit(i) for i in range(5)), return_exceptions=True
+        )
+    finally:
+        await batcher.stop()
+    assert all(isinstance(r, ValueError) for r in results)
+    assert calls == 1
+
+
+async def test_full_queue_answers_at_once() -> None:
+    gate = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        "t", slow, max_batch_size=1, max_wait_ms=0, max_queue=2
+    )
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.submit(0))  # taken by the worker, blocks
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]  # fill the queue
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(3)
+        assert time.monotonic() - started < 0.1
+        assert refused.value.retry_after_s
+        gate.set()
+        assert await first == 0 and [await w for w in waiting] == [1, 2]
+    finally:
+        gate.set()
+        await batcher.stop()
+
+
+async def test_cancelled_requests_are_skipped() -> None:
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def record(items: list[int]) -> list[int]:
+        gate.wait(5)
+        seen.append(list(items))
+        return items
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        "t", record, max_batch_size=1, max_wait_ms=0, max_queue=8
+    )
+    batcher.start()
+    try:
+        blocker = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher.submit(1))
+        kept = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client went away while queued
+        gate.set()
+        assert await blocker == 0 and await kept == 2
+    finally:
+        await batcher.stop()
+    assert [1] not in seen
+
+
+async def test_http_overload_is_503_with_retry_after(encoder: Encoder, tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path / "d", batch={"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 1}
+    )
+    app = create_app(settings, encoder=encoder)
+    async with app.router.lifespan_context(app):
+        client = await _ready_client(app)
+        gate = threading.Event()
+        batcher = app.state.runtime.text_batcher
+        real = batcher._fn
+        batcher._fn = lambda items: (gate.wait(5), real(items))[1]
+        async with client:
+            pending = [
+                asyncio.ensure_future(client.post("/v1/embed/text", json={"texts": [f"q{i}"]}))
+                for i in range(6)
+            ]
+            await asyncio.sleep(0.3)
+            gate.set()
+            responses = await asyncio.gather(*pending)
+    codes = sorted(r.status_code for r in responses)
+    assert 503 in codes and 200 in codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] and refused.json()["error"]["code"] == "overloaded"

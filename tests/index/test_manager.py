@@ -1,0 +1,121 @@
+"""The FAISS cache converges to SQLite: replay after a stale save, rebuilds, type switches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.filters import FilterError, compile_filter
+from index.manager import CollectionPolicy, IndexedCollection
+from index.store import MetadataStore, NewItem, StoreVersionError
+from tests.index.test_vectors import DIM, clustered
+
+
+def _add(store: MetadataStore, vectors: np.ndarray, start: int = 0) -> list[int]:
+    items = [
+        NewItem(kind="image", sha256=f"sha{start + i}", embedding=v, metadata={"n": start + i})
+        for i, v in enumerate(vectors)
+    ]
+    return [item_id for item_id, _ in store.add_items(items)]
+
+
+def _collection(store: MetadataStore, path: Path, **policy: object) -> IndexedCollection:
+    return IndexedCollection(
+        store,
+        "image",
+        path,
+        dim=DIM,
+        fingerprint="fp",
+        policy=CollectionPolicy(**policy),  # type: ignore[arg-type]
+    )
+
+
+def test_replay_after_stale_save(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    x = clustered(60)
+    ids = _add(store, x[:30])
+    coll = _collection(store, tmp_path / "i.faiss")
+    coll.open()
+    coll.save()
+    # acknowledged after the save: in SQLite only
+    more = _add(store, x[30:], start=30)
+    store.delete("image", ids[0])
+    reopened = _collection(store, tmp_path / "i.faiss")
+    reopened.open()
+    assert reopened.loaded_from == "file" and len(reopened) == 59
+    hits = reopened.search(x[45:46], 1)[0]
+    assert hits[0].id == more[15]
+    assert all(h.id != ids[0] for h in reopened.search(x[:1], 59)[0])
+
+
+def test_corrupt_index_file_is_rebuilt(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    _add(store, clustered(20))
+    path = tmp_path / "i.faiss"
+    coll = _collection(store, path)
+    coll.open()
+    coll.save()
+    path.write_bytes(path.read_bytes()[:100])
+    again = _collection(store, path)
+    again.open()
+    assert again.loaded_from == "rebuilt" and len(again) == 20
+
+
+def test_growth_switches_to_hnsw_in_background(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    coll = _collection(store, tmp_path / "i.faiss", exact_max=100)
+    coll.open()
+    x = clustered(300)
+    _add(store, x[:90])
+    coll.catch_up()
+    assert coll.index_kind == "exact"
+    _add(store, x[90:200], start=90)
+    coll.catch_up()  # crosses the threshold: a rebuild starts in the background
+    _add(store, x[200:], start=200)  # writes continue meanwhile
+    coll.catch_up()
+    coll.wait_for_rebuild(60)
+    coll.catch_up()
+    assert coll.index_kind == "hnsw" and len(coll) == 300
+    assert coll.search(x[250:251], 1)[0][0].id == 251
+
+
+def test_hnsw_tombstones_trigger_rebuild(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    coll = _collection(store, tmp_path / "i.faiss", kind="hnsw")
+    ids = _add(store, clustered(100))
+    coll.open()
+    for item_id in ids[:30]:
+        store.delete("image", item_id)
+    coll.catch_up()
+    coll.wait_for_rebuild(60)
+    assert coll.info()["tombstones"] == 0 and len(coll) == 70
+
+
+def test_filters_small_and_large(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    coll = _collection(store, tmp_path / "i.faiss", kind="hnsw")
+    x = clustered(200)
+    ids = _add(store, x)
+    coll.open()
+    hits = coll.search(x[10:11], 5, filter_={"n": {"$lt": 20}})[0]
+    assert hits[0].id == ids[10] and all(h.id <= ids[19] for h in hits)
+    assert coll.search(x[:1], 5, filter_={"n": -1})[0] == []
+
+
+def test_filter_language() -> None:
+    assert compile_filter(None) == ("1", [])
+    sql, params = compile_filter({"a": 1, "b": {"$in": ["x", "y"]}, "c": {"$exists": True}})
+    assert sql.count("?") == len(params)
+    for bad in ({"a": None}, {"a": [1]}, {"a": {"$regex": "x"}}, {"a b": 1}, {"a": {"$in": []}}):
+        with pytest.raises(FilterError):
+            compile_filter(bad)
+
+
+def test_store_refuses_other_format(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    store.set_meta("format_version", "999")
+    store.close()
+    with pytest.raises(StoreVersionError, match="format 999"):
+        MetadataStore(tmp_path / "db.sqlite3")

@@ -1,0 +1,102 @@
+"""FAISS indexes against a NumPy reference; deletes, filters, saves and corrupt files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.vectors import IndexFileError, IndexParams, VectorIndex
+
+DIM = 32
+
+
+def clustered(n: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
+    """Points around cluster centres on the sphere: what embeddings look like."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, DIM))
+    x = centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def reference(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return ids[np.argsort(-(q @ x.T), axis=1)[:, :k]]
+
+
+def recall(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got, want, strict=True)]))
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
+def test_search_matches_reference(kind: str) -> None:
+    x = clustered(3000)
+    ids = np.arange(10, 3010, dtype=np.int64)
+    params = IndexParams(kind=kind, ivf_nlist=32, ivf_nprobe=16, pq_m=8)  # type: ignore[arg-type]
+    lookup = dict(zip(ids.tolist(), x, strict=True))
+    index = VectorIndex(DIM, params, lambda found: np.stack([lookup[int(i)] for i in found]))
+    index.train(x)
+    index.add(ids, x)
+    q = clustered(50, seed=1)
+    _, got = index.search(q, 10)
+    want = reference(x, ids, q, 10)
+    floor = {"exact": 1.0, "hnsw": 0.95, "ivfpq": 0.9}[kind]
+    assert recall(got, want) >= floor
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_deletes_and_filters(kind: str) -> None:
+    x = clustered(500)
+    ids = np.arange(1, 501, dtype=np.int64)
+    index = VectorIndex(DIM, IndexParams(kind=kind))  # type: ignore[arg-type]
+    index.add(ids, x)
+    index.remove(ids[:100])
+    assert len(index) == 400
+    _, got = index.search(x[:20], 5)
+    assert not set(got.ravel()) & set(ids[:100].tolist())
+    allowed = ids[::7]
+    _, filtered = index.search(x[:5], 10, allowed=allowed)
+    live_allowed = set(allowed.tolist()) - set(ids[:100].tolist())
+    assert set(filtered.ravel()) - {-1} <= live_allowed
+    # the query vector itself (id 301) is allowed and alive: it must come first
+    _, own = index.search(x[300:301], 3, allowed=np.array([301, 5, 6], dtype=np.int64))
+    assert own[0, 0] == 301
+
+
+def test_k_beyond_size_pads_with_minus_one() -> None:
+    index = VectorIndex(DIM, IndexParams(kind="exact"))
+    index.add(np.array([1, 2], dtype=np.int64), clustered(2))
+    scores, got = index.search(clustered(1, seed=3), 5)
+    assert list(got[0, 2:]) == [-1, -1, -1] and np.isinf(scores[0, 2:]).all()
+    assert index.search(clustered(1), 3, allowed=np.array([], dtype=np.int64))[1].tolist() == [
+        [-1] * 3
+    ]
+
+
+def test_save_load_and_corruption(tmp_path: Path) -> None:
+    x = clustered(200)
+    index = VectorIndex(DIM, IndexParams(kind="hnsw"))
+    index.add(np.arange(200, dtype=np.int64), x)
+    index.remove(np.array([3, 4], dtype=np.int64))
+    index.applied_seq = 42
+    path = tmp_path / "images.faiss"
+    index.save(path, fingerprint="fp")
+    loaded = VectorIndex.load(path, fingerprint="fp", dim=DIM)
+    assert loaded.applied_seq == 42 and len(loaded) == 198 and loaded.tombstones == 2
+    np.testing.assert_array_equal(loaded.search(x[:5], 4)[1], index.search(x[:5], 4)[1])
+
+    with pytest.raises(IndexFileError, match="another model"):
+        VectorIndex.load(path, fingerprint="other", dim=DIM)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFileError, match="corrupt|truncated"):
+        VectorIndex.load(path, fingerprint="fp", dim=DIM)
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(IndexFileError):
+        VectorIndex.load(path, fingerprint="fp", dim=DIM)
+    path.write_bytes(b"garbage")
+    with pytest.raises(IndexFileError):
+        VectorIndex.load(path, fingerprint="fp", dim=DIM)
