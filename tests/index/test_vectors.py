@@ -90,7 +90,7 @@ def test_save_load_and_corruption(tmp_path: Path) -> None:
         VectorIndex.load(path, fingerprint="other", dim=DIM)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(IndexFileError, match="corrupt|truncated"):
+    with pytest.raises(IndexFileError, match=r"corrupt|truncated"):
         VectorIndex.load(path, fingerprint="fp", dim=DIM)
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF
