@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,21 +69,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reembed_on_model_change=True if args.reembed else None,
     )
     failed: list[str] = []
+    server: uvicorn.Server | None = None
 
     def stop_on_failure(reason: str) -> None:
         # A server that can never become ready should exit, not idle behind a 503.
         failed.append(reason)
         print(f"xmodal: start-up failed: {reason}", file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if server is not None:
+            server.should_exit = True
 
     app = create_app(settings, on_startup_failure=stop_on_failure)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
+    server = uvicorn.Server(config)
+    server.run()
     return 2 if failed else 0
 
 
@@ -128,7 +131,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         f"{report.added} added, {report.skipped_known} already stored, {len(report.failed)} "
         f"failed, {report.texts_added} captions added, {report.images_per_s:.1f} images/s"
     )
-    return 0 if not report.failed or report.added else 1
+    # Bad files are reported, not fatal; exit 1 only when nothing at all could be indexed.
+    return 1 if report.failed and not (report.added or report.skipped_known) else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -1,0 +1,81 @@
+"""The CLI: `xmodal index` (folders, CSV, resume, bad files), `xmodal search`, `xmodal serve` errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app.cli import main
+from tests.conftest import image_bytes
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+TINY = ["--model", "xmodal-tiny", "--pretrained", "none", "--device", "cpu"]
+
+
+def test_index_folder_csv_resume_and_search(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos" / "nested"
+    photos.mkdir(parents=True)
+    for i in range(6):
+        (photos / f"p{i}.png").write_bytes(image_bytes(i))
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.txt").write_text("ignored: not an image suffix")
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    rows = ["filepath,caption"]
+    for i in range(4):
+        (dataset / f"c{i}.png").write_bytes(image_bytes(100 + i))
+        rows.append(f"c{i}.png,caption number {i}")
+    (dataset / "data.csv").write_text("\n".join(rows) + "\n")
+    data = tmp_path / "data"
+
+    code = main(["index", str(tmp_path / "photos"), str(dataset / "data.csv"), "--data-dir", str(data),
+                 "--workers", "0", "--quiet", *TINY])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0
+    assert "10 added, 0 already stored, 1 failed, 4 captions added" in out.out
+    assert "broken.jpg" in out.err
+
+    # Re-running resumes: everything already stored is skipped.
+    code = main(["index", str(tmp_path / "photos"), "--data-dir", str(data), "--workers", "0",
+                 "--quiet", *TINY])  # fmt: skip
+    assert code == 0
+    assert "0 added, 6 already stored" in capsys.readouterr().out
+
+    code = main(
+        ["search", "caption number 1", "--k", "3", "--json", "--data-dir", str(data), *TINY]
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(results) == 3 and all(Path(r["path"]).is_file() for r in results)
+
+
+def test_index_with_worker_processes(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        (photos / f"p{i}.jpg").write_bytes(image_bytes(i, "JPEG", (640, 360)))
+    result = _run("index", str(photos), "--data-dir", str(tmp_path / "d"), "--workers", "2",
+                  "--batch-size", "2", *TINY)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "5 added" in result.stdout
+    assert "img/s" in result.stderr  # the progress bar
+
+
+def test_serve_refuses_missing_weights_quickly(tmp_path: Path) -> None:
+    result = _run("serve", "--data-dir", str(tmp_path / "d"), "--model", "ViT-B-32",
+                  "--pretrained", "laion2b_s34b_b79k", "--port", "0")  # fmt: skip
+    assert result.returncode == 2
+    assert "--pretrained /path" in result.stderr and "HF_HOME" in result.stderr
