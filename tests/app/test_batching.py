@@ -153,11 +153,15 @@ async def test_cancelled_requests_are_skipped() -> None:
     batcher.start()
     try:
         blocker = asyncio.ensure_future(batcher.submit(0))
-        await asyncio.sleep(0.05)
+        while batcher.depth:  # until the worker holds the blocker
+            await asyncio.sleep(0.01)
         gone = asyncio.ensure_future(batcher.submit(1))
         kept = asyncio.ensure_future(batcher.submit(2))
-        await asyncio.sleep(0.01)
+        while batcher.depth < 2:
+            await asyncio.sleep(0.01)
         gone.cancel()  # the client went away while queued
+        with pytest.raises(asyncio.CancelledError):
+            await gone
         gate.set()
         assert await blocker == 0 and await kept == 2
     finally:
