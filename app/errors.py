@@ -5,6 +5,7 @@ Services raise these; only the exception handlers in `app/main.py` turn them int
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 
@@ -67,6 +68,14 @@ class StorageError(XmodalError):
 
 class ModelMismatch(XmodalError):
     code = "model_mismatch"
+
+
+def storage_error(exc: BaseException) -> StorageError:
+    """An OSError or SQLite error from a write, as the error the client gets."""
+    text = str(exc).lower()
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in text:
+        return StorageError("the server's disk is full; nothing was stored", retry_after_s=60)
+    return StorageError("the store could not accept the write; nothing was stored", retry_after_s=5)
 
 
 # The one table from error kind to HTTP status.

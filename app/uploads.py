@@ -7,7 +7,7 @@ import json
 from fastapi import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import TooLarge
+from app.errors import TooLarge, storage_error
 from app.services.library import UploadSource
 from index.media import MediaStore
 
@@ -81,7 +81,10 @@ def spool_upload(upload: UploadFile, media: MediaStore, max_bytes: int) -> Uploa
     Runs on a worker thread (the file object is synchronous)."""
     if upload.size is not None and upload.size > max_bytes:
         raise TooLarge(f"{upload.filename or 'file'}: larger than {max_bytes} bytes")
-    target = media.new_temp_file()
+    try:
+        target = media.new_temp_file()
+    except OSError as exc:
+        raise storage_error(exc) from exc
     written = 0
     try:
         upload.file.seek(0)
@@ -91,6 +94,9 @@ def spool_upload(upload: UploadFile, media: MediaStore, max_bytes: int) -> Uploa
                 if written > max_bytes:
                     raise TooLarge(f"{upload.filename or 'file'}: larger than {max_bytes} bytes")
                 out.write(chunk)
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise storage_error(exc) from exc
     except BaseException:
         target.unlink(missing_ok=True)
         raise

@@ -9,7 +9,6 @@ row is replayed into FAISS at start-up.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -27,9 +26,9 @@ from app.errors import (
     InvalidField,
     InvalidImage,
     NotFound,
-    StorageError,
     TooLarge,
     UnsupportedMedia,
+    storage_error,
 )
 from app.metrics import ITEMS_ADDED
 from app.runtime import Library, Runtime
@@ -142,14 +141,6 @@ def check_metadata(value: Any, max_bytes: int) -> dict[str, Any]:
     return value
 
 
-def _storage_error(exc: BaseException) -> StorageError:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError("the server's disk is full; nothing was stored", retry_after_s=60)
-    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-        return StorageError("the server's disk is full; nothing was stored", retry_after_s=60)
-    return StorageError(f"the store could not accept the write: {exc}", retry_after_s=5)
-
-
 def _commit_images(
     library: Library,
     prepared: list[PreparedImage],
@@ -192,7 +183,7 @@ def _commit_images(
                 )
             results = library.store.add_items(items)
         except (OSError, sqlite3.Error) as exc:
-            raise _storage_error(exc) from exc
+            raise storage_error(exc) from exc
     library.images.catch_up()
     return results
 
@@ -250,7 +241,7 @@ def _commit_texts(library: Library, items: list[NewItem]) -> list[tuple[int, boo
         try:
             results = library.store.add_items(items)
         except (OSError, sqlite3.Error) as exc:
-            raise _storage_error(exc) from exc
+            raise storage_error(exc) from exc
     library.texts.catch_up()
     return results
 
@@ -284,7 +275,7 @@ def _delete(library: Library, kind: str, item_id: int) -> StoredItem:
         try:
             item = library.store.delete("image" if kind == "image" else "text", item_id)
         except sqlite3.Error as exc:
-            raise _storage_error(exc) from exc
+            raise storage_error(exc) from exc
         if item is None:
             raise NotFound(f"no {kind} with id {item_id}")
         if item.media_path:
