@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.deps import require_api_key
+from app.disconnect import CancelOnDisconnect
 from app.errors import XmodalError, status_for
 from app.metrics import REQUEST_LATENCY
 from app.routes import embed, images, ops, search, texts
@@ -148,6 +149,7 @@ def create_app(
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(BodyLimitMiddleware, limit=settings.limits.max_request_bytes)
     app.add_middleware(LatencyMiddleware)
     return app
