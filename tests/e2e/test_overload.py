@@ -12,40 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from app.main import create_app
 from models.encoder import Encoder
 from tests.conftest import make_settings
-from tests.e2e.server import free_port
-
-
-class InProcessServer:
-    """uvicorn serving our app on loopback from a thread, so the test can reach its state."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> InProcessServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("in-process server did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+from tests.e2e.server import InProcessServer
 
 
 class GatedModel:
