@@ -448,6 +448,15 @@ function endView(seq) {
   if (seq === state.viewSeq) el.results.removeAttribute("aria-busy");
 }
 
+// A query that failed shows no results: those on screen answer the previous query, and would
+// sit under the new heading as if they matched this one.
+function failView(err) {
+  revokeResultUrls();
+  el.results.replaceChildren();
+  setStatus("");
+  showError(err);
+}
+
 function searchSummary(res, reranked) {
   const n = res.results.length;
   const parts = [n ? formatCount(n, "result") : "No results"];
@@ -470,8 +479,7 @@ async function runTextQuery(query) {
     setStatus(searchSummary(res, rerank));
   } catch (err) {
     if (seq !== state.viewSeq) return;
-    setStatus("");
-    showError(err);
+    failView(err);
   } finally {
     endView(seq);
   }
@@ -507,8 +515,7 @@ async function runImageQuery(query) {
     if (texts && !res.results?.length) setStatus("No texts yet: add some under “Add texts”.");
   } catch (err) {
     if (seq !== state.viewSeq) return;
-    setStatus("");
-    showError(err);
+    failView(err);
   } finally {
     endView(seq);
   }
@@ -536,6 +543,10 @@ async function browse({ more = false } = {}) {
     setStatus(total ? `${formatCount(total, "image")} in the collection` : "No images yet: add some below.");
   } catch (err) {
     if (seq !== state.viewSeq) return;
+    if (!more) {
+      revokeResultUrls();
+      el.results.replaceChildren();
+    }
     setStatus("");
     if (err.status === 503) setStatus(err.message);
     else showError(err);
