@@ -21,7 +21,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pretrained", help="pretrained tag, local weights file, or none")
     group.add_argument("--checkpoint", type=Path, help="checkpoint written by `xmodal train`")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    group.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-text", "fp16"])
     group.add_argument("--cache-dir", type=Path, help="where downloaded weights are kept")
 
 

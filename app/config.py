@@ -19,9 +19,9 @@ class ModelSettings(BaseModel):
     # A checkpoint written by `xmodal train`; overrides name/pretrained when set.
     checkpoint: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: fp16 autocast on CUDA, fp32 on CPU. bf16 runs the towers in bfloat16 on CPUs that
-    # support it (about 4x the fp32 matmul rate here; see README: Performance).
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: fp16 autocast on CUDA; on a CPU with native bf16, the text tower in bf16 and the
+    # image tower in fp32 ("bf16-text"), else fp32. bf16 runs both towers in bf16.
+    precision: Literal["auto", "fp32", "bf16", "bf16-text", "fp16"] = "auto"
     # Where open_clip / Hugging Face keep downloaded weights.
     cache_dir: Path | None = None
 

@@ -40,12 +40,16 @@ class Encoder:
         model_cfg: dict[str, Any],
         preprocess_cfg: dict[str, Any],
         fusion: FusionReranker | None = None,
+        text_model: nn.Module | None = None,
     ) -> None:
         self.model = model.eval()
+        # A lower-precision copy of the text tower for queries (precision "bf16-text").
+        self.text_model = text_model.eval() if text_model is not None else self.model
         self.tokenizer = tokenizer
         self._preprocess = preprocess
         self.device = device
-        self.precision = precision  # fp32 | bf16 (CPU weights) | fp16 (CUDA autocast)
+        # fp32 | bf16 (CPU, both towers) | bf16-text (CPU, text tower only) | fp16 (CUDA autocast)
+        self.precision = precision
         self.name = name
         self.pretrained = pretrained
         self.fingerprint = fingerprint
@@ -98,7 +102,7 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenize(texts).to(self.device)
         with self._inference():
-            pooled = text_forward(self.model, tokens).pooled
+            pooled = text_forward(self.text_model, tokens).pooled
             features = F.normalize(pooled.float(), dim=-1)
         return features.cpu().numpy()
 
@@ -118,7 +122,7 @@ class Encoder:
     def text_tokens(self, texts: Sequence[str]) -> TextOutput:
         tokens = self.tokenize(texts).to(self.device)
         with self._inference():
-            out = text_forward(self.model, tokens)
+            out = text_forward(self.text_model, tokens)
         return out
 
     def match_probabilities(

@@ -44,7 +44,7 @@ class EncoderSpec:
     pretrained: str = "laion2b_s34b_b79k"  # tag, local file, or "none"
     checkpoint: Path | None = None
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 (CPU) | fp16 (CUDA)
+    precision: str = "auto"  # auto | fp32 | bf16 | bf16-text (CPU) | fp16 (CUDA)
     cache_dir: Path | None = None
 
 
@@ -86,10 +86,15 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "fp16"
+        # Queries are short and latency-bound: run the text tower in bf16 where the CPU has
+        # native bf16 (about 4x its fp32 matmul rate), and keep images in fp32 so an image
+        # searched by itself scores exactly 1. README: Performance gives the tolerance.
+        return "bf16-text" if cpu_supports_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise WeightsUnavailable("precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
-    if precision == "bf16" and device.type != "cpu":
+    if precision in ("bf16", "bf16-text") and device.type != "cpu":
         raise WeightsUnavailable("precision bf16 is the CPU path; CUDA uses fp16 autocast")
     return precision
 
@@ -240,6 +245,17 @@ def build_model_from_checkpoint(
     return model.to(device), fusion
 
 
+def _text_tower_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model without its image tower (whose weights are not needed for text)."""
+    holder: Any = model
+    visual = holder.visual
+    holder.visual = None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        holder.visual = visual
+
+
 def load_encoder(spec: EncoderSpec) -> Encoder:
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
@@ -265,10 +281,13 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         resize_mode=preprocess_cfg.get("resize_mode"),
         interpolation=preprocess_cfg.get("interpolation"),
     )
+    text_model: nn.Module | None = None
     if precision == "bf16":
         model = model.to(torch.bfloat16)
         if fusion is not None:
             fusion = fusion.to(torch.bfloat16)
+    elif precision == "bf16-text":
+        text_model = _text_tower_copy(model).to(torch.bfloat16)
     tokenizer = open_clip.get_tokenizer(name)
     log.info(
         "loaded %s (weights: %s) on %s, precision %s, fingerprint %s, re-ranker: %s",
@@ -286,4 +305,5 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         model_cfg=model_cfg,
         preprocess_cfg=preprocess_cfg,
         fusion=fusion,
+        text_model=text_model,
     )

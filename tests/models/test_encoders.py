@@ -81,7 +81,7 @@ def test_checkpoint_round_trip(encoder: Encoder, tmp_path: Path) -> None:
     ckpt = load_checkpoint(path)
     for key, value in encoder.model.state_dict().items():
         assert torch.equal(ckpt.state_dict[key], value), key
-    loaded = load_encoder(EncoderSpec(checkpoint=path, device="cpu"))
+    loaded = load_encoder(EncoderSpec(checkpoint=path, device="cpu", precision="fp32"))
     assert loaded.fingerprint == encoder.fingerprint and not loaded.has_reranker
     np.testing.assert_array_equal(
         loaded.encode_texts(["same result"]), encoder.encode_texts(["same result"])
@@ -107,3 +107,19 @@ def test_unknown_model_and_tag() -> None:
         load_encoder(EncoderSpec(name="no-such-model", pretrained="none"))
     with pytest.raises(WeightsUnavailable, match="no pretrained tag"):
         load_encoder(EncoderSpec(name="ViT-B-32", pretrained="not-a-tag"))
+
+
+@pytest.mark.parametrize("precision", ["bf16-text", "bf16"])
+def test_bf16_stays_close_to_fp32(encoder: Encoder, precision: str) -> None:
+    low = load_encoder(
+        EncoderSpec(name="xmodal-tiny", pretrained="none", device="cpu", precision=precision)
+    )
+    assert low.fingerprint == encoder.fingerprint  # same weights: the same collection
+    texts = ["a red circle left of a blue square", "dog", "a city street at night with cars"]
+    cosine = np.sum(low.encode_texts(texts) * encoder.encode_texts(texts), axis=1)
+    assert cosine.min() > 0.99
+    pixels = torch.rand(2, 3, encoder.image_size, encoder.image_size)
+    image_cos = np.sum(low.encode_images(pixels) * encoder.encode_images(pixels), axis=1)
+    if precision == "bf16-text":
+        np.testing.assert_array_equal(image_cos, np.sum(encoder.encode_images(pixels) ** 2, axis=1))
+    assert image_cos.min() > 0.99
