@@ -1,7 +1,9 @@
 """Bulk indexing of folders and CSV files into a data dir (`xmodal index`).
 
 Decoding and preprocessing run in worker processes (a torch DataLoader) and overlap the
-model's forward passes; each batch of embeddings is committed in one SQLite transaction.
+model's forward passes; each batch of embeddings is committed in one SQLite transaction, on a
+writer thread, so that its file copies and fsyncs overlap the next batch's forward pass (at most
+one batch is in flight; a failed commit stops the run with its error).
 A file that fails to decode is reported and skipped. Re-running skips content already stored
 (by SHA-256), so an interrupted run resumes where it stopped.
 """
@@ -13,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,19 +187,25 @@ def index_paths(
         persistent_workers=False,
     )
     bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="indexing")
-    for batch in loader:
-        good = [d for d in batch if d.pixels is not None]
-        for bad in batch:
-            if bad.error is not None:
-                path = todo[bad.position][0]
-                report.failed.append((str(path), bad.error))
-                log.warning("skipped %s: %s", path, bad.error)
-        if good:
-            vectors = encoder.encode_images([d.pixels for d in good if d.pixels is not None])
-            _commit_batch(library, todo, good, vectors, metadata or {})
-            report.added += len(good)
-        bar.update(len(batch))
-        bar.set_postfix(img_s=f"{report.added / max(time.perf_counter() - started, 1e-9):.1f}")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmodal-commit") as writer:
+        pending: Future[None] | None = None
+        for batch in loader:
+            good = [d for d in batch if d.pixels is not None]
+            for bad in batch:
+                if bad.error is not None:
+                    path = todo[bad.position][0]
+                    report.failed.append((str(path), bad.error))
+                    log.warning("skipped %s: %s", path, bad.error)
+            if good:
+                vectors = encoder.encode_images([d.pixels for d in good if d.pixels is not None])
+                if pending is not None:
+                    pending.result()  # one batch in flight; re-raises a failed commit
+                pending = writer.submit(_commit_batch, library, todo, good, vectors, metadata or {})
+                report.added += len(good)
+            bar.update(len(batch))
+            bar.set_postfix(img_s=f"{report.added / max(time.perf_counter() - started, 1e-9):.1f}")
+        if pending is not None:
+            pending.result()
     bar.close()
     library.images.catch_up()
     if captions:

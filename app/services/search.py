@@ -103,6 +103,15 @@ def _require_reranker(runtime: Runtime) -> None:
         )
 
 
+async def _rerank(runtime: Runtime, hits: list[Hit], job: RerankJob) -> None:
+    """Score each hit's pair with the fusion head (through its batcher) and sort by it."""
+    assert runtime.rerank_batcher is not None
+    probs = await runtime.rerank_batcher.submit(job)
+    for hit, prob in zip(hits, probs, strict=True):
+        hit.rerank_score = float(prob)
+    hits.sort(key=lambda h: -(h.rerank_score or 0.0))
+
+
 async def search_by_text(
     runtime: Runtime,
     query: str,
@@ -125,11 +134,7 @@ async def search_by_text(
     hits = [Hit(item, score) for item, score in found]
     if rerank and hits:
         pixels = await to_thread.run_sync(_load_pixels, library, [h.item for h in hits])
-        assert runtime.rerank_batcher is not None
-        probs = await runtime.rerank_batcher.submit(RerankJob([query], pixels))
-        for hit, prob in zip(hits, probs, strict=True):
-            hit.rerank_score = float(prob)
-        hits.sort(key=lambda h: -(h.rerank_score or 0.0))
+        await _rerank(runtime, hits, RerankJob([query], pixels))
     return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
 
 
@@ -173,12 +178,7 @@ async def search_texts_by_image(
         if pixels is None:
             assert item is not None
             pixels = (await to_thread.run_sync(_load_pixels, library, [item]))[0]
-        assert runtime.rerank_batcher is not None
-        job = RerankJob([h.item.text or "" for h in hits], [pixels])
-        probs = await runtime.rerank_batcher.submit(job)
-        for hit, prob in zip(hits, probs, strict=True):
-            hit.rerank_score = float(prob)
-        hits.sort(key=lambda h: -(h.rerank_score or 0.0))
+        await _rerank(runtime, hits, RerankJob([h.item.text or "" for h in hits], [pixels]))
     return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
 
 

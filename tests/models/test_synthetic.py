@@ -64,7 +64,8 @@ def test_twins_differ_only_in_binding_or_relation() -> None:
         pictures = []
         for scene in (base, swap, flip, both):
             pixels = np.asarray(render(scene), dtype=int)
-            for colour, slot in ((scene.first_colour, scene.slots[0]), (scene.second_colour, scene.slots[1])):  # fmt: skip
+            objects = ((scene.first_colour, scene.slots[0]), (scene.second_colour, scene.slots[1]))
+            for colour, slot in objects:
                 got = pixels[int(slot.y), int(slot.x)]
                 assert np.abs(got - np.array(COLOURS[colour])).max() < 40, (scene, colour, got)
             pictures.append(pixels.tobytes())
