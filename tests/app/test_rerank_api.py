@@ -1,0 +1,89 @@
+"""Re-ranked search through the HTTP API, with a checkpoint that carries a fusion head."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.services.model_calls import RerankJob, rerank_batch
+from models.checkpoint import Checkpoint, save_checkpoint
+from models.encoder import Encoder
+from models.factory import EncoderSpec, load_encoder
+from models.fusion import FusionConfig, FusionReranker
+from tests.conftest import image_bytes, make_settings, upload, wait_ready
+
+
+@pytest.fixture(scope="module")
+def reranking_encoder(encoder: Encoder, tmp_path_factory: pytest.TempPathFactory) -> Encoder:
+    torch.manual_seed(3)
+    width = encoder.model_cfg["text_cfg"]["width"]
+    fusion = FusionReranker(
+        FusionConfig(text_width=width, image_width=encoder.model_cfg["vision_cfg"]["width"])
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "with-fusion.pt"
+    save_checkpoint(
+        Checkpoint(
+            model_name=encoder.name,
+            model_cfg=encoder.model_cfg,
+            state_dict=encoder.model.state_dict(),
+            preprocess_cfg=encoder.preprocess_cfg,
+            fusion_cfg=fusion.cfg.to_dict(),
+            fusion_state_dict=fusion.state_dict(),
+        ),
+        path,
+    )
+    loaded = load_encoder(EncoderSpec(checkpoint=path, device="cpu", precision="fp32"))
+    assert loaded.has_reranker and loaded.fingerprint == encoder.fingerprint
+    return loaded
+
+
+def test_rerank_orders_by_rerank_score(reranking_encoder: Encoder, tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path / "d"), encoder=reranking_encoder)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.get("/v1/info").json()["model"]["has_reranker"] is True
+        ids = [upload(client, image_bytes(i)).json()["items"][0]["id"] for i in range(12)]
+        client.post("/v1/texts", json={"items": [{"text": f"a caption {i}"} for i in range(8)]})
+
+        plain = client.post("/v1/search/text", json={"query": "a red circle", "k": 5}).json()
+        assert all(r["rerank_score"] is None for r in plain["results"])
+        body = {"query": "a red circle", "k": 5, "rerank": True, "rerank_k": 12}
+        reranked = client.post("/v1/search/text", json=body).json()["results"]
+        scores = [r["rerank_score"] for r in reranked]
+        assert len(reranked) == 5 and all(0.0 <= s <= 1.0 for s in scores)
+        assert scores == sorted(scores, reverse=True)
+        assert {r["id"] for r in reranked} <= set(ids)
+
+        r = client.post(
+            "/v1/search/image-to-text",
+            data={"image_id": str(ids[0]), "k": "4", "rerank": "true", "rerank_k": "8"},
+        )
+        texts = r.json()["results"]
+        text_scores = [t["rerank_score"] for t in texts]
+        assert len(texts) == 4 and text_scores == sorted(text_scores, reverse=True)
+
+        too_deep = client.post("/v1/search/text", json={**body, "rerank_k": 5000})
+        assert too_deep.status_code == 422
+
+
+def test_rerank_batched_equals_single(reranking_encoder: Encoder) -> None:
+    pixels = [
+        reranking_encoder.preprocess_image(Image.open(io.BytesIO(image_bytes(i))).convert("RGB"))
+        for i in range(5)
+    ]
+    jobs = [
+        RerankJob(["a red circle left of a blue square"], pixels[:4]),
+        RerankJob(["one", "two words", "three more words"], [pixels[4]]),
+    ]
+    together = rerank_batch(reranking_encoder, jobs)
+    alone = [rerank_batch(reranking_encoder, [job])[0] for job in jobs]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert together[0].shape == (4,) and together[1].shape == (3,)
