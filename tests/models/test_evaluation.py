@@ -92,9 +92,10 @@ def test_recall_hand_checked(tmp_path: Path) -> None:
     assert result["n"] == 3
     # text->image: a@1, b@2, c@3
     assert result["text_to_image"] == {"R@1": pytest.approx(1 / 3), "R@5": 1.0, "R@10": 1.0}
-    # image->text: image 0 -> a (0.995) beats c (0.51): hit@1; image 1 -> c (0.857) before
-    # b (0.447): rank 2; image 2 -> b (0.894): hit@1.
-    assert result["image_to_text"]["R@1"] == pytest.approx(2 / 3)
+    # image->text: image 0 -> a (0.995) before c (0.51): hit@1; image 1 -> c (0.857) before
+    # b (0.447): rank 2; image 2 -> b (0.894), then a and c tie at 0 and the tie keeps
+    # gallery order (a, b, c): its caption c is at rank 3.
+    assert result["image_to_text"] == {"R@1": pytest.approx(1 / 3), "R@5": 1.0, "R@10": 1.0}
     assert "text_to_image_rerank" not in result
     assert "R@1" in format_table(result)
 
@@ -126,9 +127,8 @@ def test_rerank_reorders_when_fusion_says_so(tmp_path: Path) -> None:
     images = {0: [1.0, 0.2], 1: [1.0, 0.0], 2: [0.0, 1.0]}
     texts = {"x": [1.0, 0.0], "y": [0.0, 1.0]}
     match: dict[tuple[str, int], float] = {("x", 0): 0.9, ("x", 1): 0.2, ("y", 2): 0.95}
-    csv_path = _dataset(tmp_path, [(0, "x"), (2, "y")])
-    # image 1 is in the gallery as a distractor (a row with a caption nobody queries here)
-    csv_path.write_text(csv_path.read_text() + "1.png,z\n")
+    # Image 1 is in the gallery as a distractor, with a caption far from both queries.
+    csv_path = _dataset(tmp_path, [(0, "x"), (2, "y"), (1, "z")])
     encoder = HandEncoder(images, {**texts, "z": [-1.0, 0.0]}, match)
     result: dict[str, Any] = evaluate(csv_path, encoder, rerank_k=2)  # type: ignore[arg-type]
     assert result["text_to_image"]["R@1"] == pytest.approx(1 / 3)  # only "y" right at 1
