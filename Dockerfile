@@ -64,7 +64,7 @@ RUN python -m pip install --no-deps --no-build-isolation . \
 
 # HF_HOME under /data: weights downloaded once survive container re-creation with the volume.
 # HF_HUB_OFFLINE is deliberately not set: set HF_HUB_OFFLINE=1 on hosts without internet so a
-# missing pretrained tag fails in milliseconds (mount a weights file instead; see docs/docker.md).
+# missing pretrained tag fails in milliseconds (mount a weights file instead; see README.md: Docker).
 ENV XMODAL_DATA_DIR=/data \
     XMODAL_HOST=0.0.0.0 \
     XMODAL_PORT=8000 \
