@@ -31,7 +31,7 @@ from app.services import model_calls
 from index.manager import CollectionPolicy, IndexedCollection
 from index.media import MediaStore
 from index.store import MetadataStore
-from index.vectors import IndexParams
+from index.vectors import IndexParams, set_search_threads
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
 
@@ -216,6 +216,7 @@ class Runtime:
 
     async def _load(self, encoder: Encoder | None) -> None:
         try:
+            set_search_threads(self.settings.index.search_threads)
             if encoder is None:
                 encoder = await to_thread.run_sync(load_encoder, encoder_spec(self.settings))
             self.library = await to_thread.run_sync(Library.open, self.settings, encoder)

@@ -100,7 +100,9 @@ class IndexedCollection:
     def _build_from_snapshot(self) -> VectorIndex:
         started = time.monotonic()
         seq, ids, vectors = self.store.snapshot(self.item_kind)
-        index = VectorIndex(self.dim, self._params_for(len(ids)), self._exact_vectors)
+        index = VectorIndex(
+            self.dim, self._params_for(len(ids)), self._exact_vectors, n_hint=len(ids)
+        )
         if len(ids):
             if not index.is_trained:
                 index.train(vectors)

@@ -35,6 +35,16 @@ SMALL_FILTER = 4096
 faiss.cvar.distance_compute_blas_threshold = 20
 
 
+_search_threads: int | None = None
+
+
+def set_search_threads(threads: int | None) -> None:
+    """OpenMP threads for each search, set per calling thread (an OpenMP ICV is per thread), so
+    the torch threads that share FAISS's OpenMP runtime keep theirs. None: leave as is."""
+    global _search_threads
+    _search_threads = threads
+
+
 class IndexFileError(RuntimeError):
     """A saved index that cannot be trusted (missing, truncated, corrupt, other model)."""
 
@@ -43,12 +53,12 @@ class IndexFileError(RuntimeError):
 class IndexParams:
     kind: IndexKind = "exact"
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 256
     hnsw_ef_construction: int = 80
     ivf_nlist: int = 1024
-    ivf_nprobe: int = 32
+    ivf_nprobe: int = 16
     pq_m: int = 64
-    refine_factor: int = 8
+    refine_factor: int = 16
 
 
 def choose_kind(n: int, *, exact_max: int, hnsw_max: int) -> IndexKind:
@@ -70,7 +80,10 @@ def _new_faiss_index(dim: int, params: IndexParams, n_hint: int) -> Any:
     # IVF-PQ keeps ~pq_m bytes per vector in memory. PQ scores alone plateau near 0.4
     # recall@10 on 512-d embeddings (FACTS.md), so `search` re-scores the top candidates with
     # exact vectors fetched from the store (on disk) through `exact_vectors`.
-    nlist = max(1, min(params.ivf_nlist, n_hint // 39 if n_hint else params.ivf_nlist))
+    # ~sqrt(n) lists, capped; FAISS wants >= 39 training points per list.
+    nlist = params.ivf_nlist
+    if n_hint:
+        nlist = max(1, min(params.ivf_nlist, int(n_hint**0.5), n_hint // 39))
     pq_m = params.pq_m if dim % params.pq_m == 0 else 1
     quantizer = faiss.IndexFlatIP(dim)
     ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
@@ -89,12 +102,17 @@ class VectorIndex:
     """
 
     def __init__(
-        self, dim: int, params: IndexParams, exact_vectors: ExactVectors | None = None
+        self,
+        dim: int,
+        params: IndexParams,
+        exact_vectors: ExactVectors | None = None,
+        *,
+        n_hint: int = 0,
     ) -> None:
         self.dim = dim
         self.params = params
         self.exact_vectors = exact_vectors
-        self._index: Any = _new_faiss_index(dim, params, 0)
+        self._index: Any = _new_faiss_index(dim, params, n_hint)
         self._tombstones: set[int] = set()
         self._lock = threading.RLock()
         self.applied_seq = 0  # the store's change sequence number this index reflects
@@ -170,6 +188,8 @@ class VectorIndex:
             return empty
         if allowed is not None and allowed_vectors is not None:
             return _exact_subset(queries, k, allowed, allowed_vectors)
+        if _search_threads is not None and faiss.omp_get_max_threads() != _search_threads:
+            faiss.omp_set_num_threads(_search_threads)
         refine = self.params.kind == "ivfpq" and self.exact_vectors is not None
         k_search = k * max(1, self.params.refine_factor) if refine else k
         with self._lock:
