@@ -75,12 +75,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(
-    source: bytes | Path | BinaryIO, *, max_pixels: int, draft_px: int | None = None
-) -> DecodedImage:
-    """Decode to upright RGB. `draft_px` lets JPEG decode at a reduced scale that still
-    covers that many pixels on the short side (much faster for large photos)."""
-    fp: BinaryIO | Path = io.BytesIO(source) if isinstance(source, bytes) else source
+@dataclass
+class ImageHeader:
+    """What the header says, read without decoding the pixels."""
+
+    format: str
+    mime: str
+    width: int  # as stored, before EXIF rotation
+    height: int
+    orientation: int  # EXIF orientation, 1 when absent or unreadable
+    mode: str  # PIL mode of the stored pixels (RGB, L, CMYK, P, ...)
+
+
+def _open_checked(fp: BinaryIO | Path, max_pixels: int) -> tuple[Image.Image, ImageHeader]:
+    """Open lazily and apply every check that can be made before decoding."""
     try:
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; PIL's own bomb check must not fire first.
@@ -108,6 +116,26 @@ def decode_image(
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block must not sink an otherwise good image
         orientation = 1
+    return img, ImageHeader(fmt, MIME_BY_FORMAT[fmt], width, height, orientation, img.mode)
+
+
+def probe_image(source: bytes | Path | BinaryIO, *, max_pixels: int) -> ImageHeader:
+    """The checks of `decode_image` that need only the header (format, size limit, EXIF);
+    raises the same errors. The pixels are not decoded, so a damaged body passes here."""
+    fp: BinaryIO | Path = io.BytesIO(source) if isinstance(source, bytes) else source
+    img, header = _open_checked(fp, max_pixels)
+    img.close()
+    return header
+
+
+def decode_image(
+    source: bytes | Path | BinaryIO, *, max_pixels: int, draft_px: int | None = None
+) -> DecodedImage:
+    """Decode to upright RGB. `draft_px` lets JPEG decode at a reduced scale that still
+    covers that many pixels on the short side (much faster for large photos)."""
+    fp: BinaryIO | Path = io.BytesIO(source) if isinstance(source, bytes) else source
+    img, header = _open_checked(fp, max_pixels)
+    fmt, width, height, orientation = header.format, header.width, header.height, header.orientation
     try:
         if draft_px and fmt in ("JPEG", "MPO"):
             scale = min(width, height) / draft_px
@@ -124,7 +152,7 @@ def decode_image(
         raise CorruptImage(f"image is truncated or corrupt: {exc}") from None
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    return DecodedImage(rgb, width, height, fmt, MIME_BY_FORMAT[fmt])
+    return DecodedImage(rgb, width, height, fmt, header.mime)
 
 
 def make_thumbnail(image: Image.Image, size_px: int, quality: int = 85) -> bytes:
