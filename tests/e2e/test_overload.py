@@ -124,3 +124,34 @@ def test_burst_of_500_is_answered_and_memory_stays_bounded(served: InProcessServ
     assert all(retry for code, _, retry in results if code == 503)
     assert grown < 300 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
     assert len(gated.seen) <= 16 + 4  # only what fitted in the queue (plus one batch) ran
+
+
+@pytest.mark.slow
+def test_client_retries_503_honouring_retry_after(encoder: Encoder, tmp_path: Path) -> None:
+    from app.client import XmodalClient
+
+    settings = make_settings(
+        tmp_path / "d", batch={"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 1}
+    )
+    with InProcessServer(create_app(settings, encoder=encoder)) as server:
+        gated = GatedModel(server.app.state.runtime.text_batcher)
+        holders = [
+            threading.Thread(
+                target=lambda i=i: httpx.post(
+                    f"{server.url}/v1/embed/text", json={"texts": [f"hold {i}"]}, timeout=30
+                )
+            )
+            for i in range(2)
+        ]
+        for thread in holders:  # one in the model, one filling the queue
+            thread.start()
+            time.sleep(0.3)
+        threading.Timer(1.5, gated.gate.set).start()
+        refused = httpx.post(f"{server.url}/v1/search/text", json={"query": "now"}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        started = time.monotonic()
+        with XmodalClient(server.url, retries=5) as client:
+            hits = client.search_text("a query that waits its turn", k=3)
+        assert hits == [] and time.monotonic() - started >= 0.9  # it waited, then succeeded
+        for thread in holders:
+            thread.join(30)
