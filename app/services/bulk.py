@@ -6,6 +6,12 @@ writer thread, so that its file copies and fsyncs overlap the next batch's forwa
 one batch is in flight; a failed commit stops the run with its error).
 A file that fails to decode is reported and skipped. Re-running skips content already stored
 (by SHA-256), so an interrupted run resumes where it stopped.
+
+With a CUDA encoder, plain JPEGs are decoded on the GPU (nvJPEG, batched) instead: the workers
+only check their headers and hand over the bytes, and the main process decodes, resizes and
+thumbnails each batch on the device. JPEGs that need more than a plain decode (EXIF rotation,
+CMYK, ...) and every other format still go through PIL in the workers, and a batch the device
+cannot decode falls back to PIL in the main process.
 """
 
 from __future__ import annotations
@@ -27,7 +33,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from app.runtime import Library
 from index.store import NewItem
-from models.imaging import ImageError, decode_image, make_thumbnail
+from models.encoder import Encoder
+from models.imaging import ImageError, decode_image, make_thumbnail, probe_image
+from models.tensor_preprocess import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    decode_jpegs,
+    model_input,
+    thumbnail_jpeg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,9 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     texts_added: int = 0
     seconds: float = 0.0
+    # The JPEG device path (gpu_decode): images decoded there, and batches that fell back to PIL.
+    decoded_on_device: int = 0
+    device_decode_fallbacks: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -87,10 +104,19 @@ class _Decoded:
     height: int
     size: int
     error: str | None
+    # Set instead of pixels/thumbnail when the main process decodes this JPEG on the device.
+    jpeg: bytes | None = None
+
+
+# JPEGs whose plain decode to RGB is the whole job: no EXIF rotation to apply, and a colour
+# mode that libjpeg/nvJPEG convert to RGB as PIL does (CMYK/YCCK are left to PIL).
+_DEVICE_JPEG_FORMATS = ("JPEG", "MPO")
+_DEVICE_JPEG_MODES = ("RGB", "L")
 
 
 class _ImageFiles(Dataset[_Decoded]):
-    """Runs in the DataLoader's worker processes: decode, thumbnail, preprocess."""
+    """Runs in the DataLoader's worker processes: decode, thumbnail, preprocess; or, with
+    `raw_jpegs`, only the header checks for plain JPEGs, whose bytes go to the main process."""
 
     def __init__(
         self,
@@ -100,8 +126,10 @@ class _ImageFiles(Dataset[_Decoded]):
         thumbnail_px: int,
         max_pixels: int,
         max_bytes: int,
+        raw_jpegs: bool = False,
     ) -> None:
         self.files = files
+        self.raw_jpegs = raw_jpegs
         self.preprocess = preprocess
         self.draft_px = max(image_size, thumbnail_px)
         self.thumbnail_px = thumbnail_px
@@ -117,19 +145,110 @@ class _ImageFiles(Dataset[_Decoded]):
             size = path.stat().st_size
             if size > self.max_bytes:
                 raise ImageError(f"{size} bytes is over the {self.max_bytes}-byte limit")
-            decoded = decode_image(path, max_pixels=self.max_pixels, draft_px=self.draft_px)
-            return _Decoded(
-                position,
-                self.preprocess(decoded.image),
-                make_thumbnail(decoded.image, self.thumbnail_px),
-                decoded.mime,
-                decoded.width,
-                decoded.height,
-                size,
-                None,
-            )
+            source: Path | bytes = path
+            if self.raw_jpegs:
+                data = path.read_bytes()
+                header = probe_image(data, max_pixels=self.max_pixels)
+                if (
+                    header.format in _DEVICE_JPEG_FORMATS
+                    and header.orientation == 1
+                    and header.mode in _DEVICE_JPEG_MODES
+                ):
+                    return _Decoded(
+                        position, None, b"", header.mime, header.width, header.height, size,
+                        None, jpeg=data,
+                    )  # fmt: skip
+                source = data  # read once: decode these bytes on the CPU below
+            return _decode_on_cpu(
+                position, source, size, self.preprocess, self.thumbnail_px, self.max_pixels,
+                self.draft_px,
+            )  # fmt: skip
         except (ImageError, OSError) as exc:
-            return _Decoded(position, None, b"", "", 0, 0, 0, f"{type(exc).__name__}: {exc}")
+            return _failed(position, exc)
+
+
+def _failed(position: int, exc: Exception) -> _Decoded:
+    return _Decoded(position, None, b"", "", 0, 0, 0, f"{type(exc).__name__}: {exc}")
+
+
+def _decode_on_cpu(
+    position: int,
+    source: Path | bytes,
+    size: int,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    thumbnail_px: int,
+    max_pixels: int,
+    draft_px: int,
+) -> _Decoded:
+    """The PIL path: decode (drafted), preprocess, thumbnail. Raises ImageError / OSError."""
+    decoded = decode_image(source, max_pixels=max_pixels, draft_px=draft_px)
+    return _Decoded(
+        position,
+        preprocess(decoded.image),
+        make_thumbnail(decoded.image, thumbnail_px),
+        decoded.mime,
+        decoded.width,
+        decoded.height,
+        size,
+        None,
+    )
+
+
+def _device_decode_supported(encoder: Encoder) -> str | None:
+    """Why `models.tensor_preprocess` cannot reproduce this model's preprocessing, or None."""
+    cfg = encoder.preprocess_cfg
+    if cfg.get("resize_mode", "shortest") != "shortest":
+        return f"resize_mode {cfg.get('resize_mode')!r}"
+    if cfg.get("interpolation", "bicubic") != "bicubic":
+        return f"interpolation {cfg.get('interpolation')!r}"
+    size = cfg.get("size", encoder.image_size)
+    if not isinstance(size, int) and len(set(size)) != 1:
+        return f"non-square input size {size!r}"
+    return None
+
+
+def _decode_on_device(
+    items: list[_Decoded],
+    encoder: Encoder,
+    device: torch.device,
+    *,
+    thumbnail_px: int,
+    max_pixels: int,
+    draft_px: int,
+) -> bool:
+    """Decode the raw JPEGs of one batch together on `device` (nvJPEG on CUDA), filling each
+    item's pixels (on `device`) and thumbnail. If the device decode fails, every item is
+    decoded with PIL here instead (an item PIL cannot decode gets its `error`); returns False
+    in that case."""
+    datas = [d.jpeg for d in items if d.jpeg is not None]
+    assert len(datas) == len(items)
+    cfg = encoder.preprocess_cfg
+    try:
+        images = decode_jpegs(datas, device)
+        pixels = model_input(
+            images, encoder.image_size, cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
+        )
+        thumbnails = [thumbnail_jpeg(image, thumbnail_px) for image in images]
+    except RuntimeError as exc:  # torchvision/nvJPEG decode errors, CUDA out of memory
+        # One bad file fails the whole batched decode: redo the batch one file at a time on
+        # the CPU, where only the bad file fails.
+        log.warning(
+            "device JPEG decoding failed for a batch of %d (%s); decoding it with PIL",
+            len(items), str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )  # fmt: skip
+        for i, d in enumerate(items):
+            try:
+                cpu = _decode_on_cpu(
+                    d.position, datas[i], d.size, encoder.preprocess_image, thumbnail_px,
+                    max_pixels, draft_px,
+                )  # fmt: skip
+                d.pixels, d.thumbnail = cpu.pixels, cpu.thumbnail
+            except (ImageError, OSError) as cpu_exc:
+                d.error = _failed(d.position, cpu_exc).error
+        return False
+    for d, item_pixels, thumbnail in zip(items, pixels, thumbnails, strict=True):
+        d.pixels, d.thumbnail = item_pixels, thumbnail
+    return True
 
 
 def _collate(items: list[_Decoded]) -> list[_Decoded]:
@@ -144,7 +263,15 @@ def index_paths(
     workers: int = 2,
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
+    gpu_decode: bool | None = None,
 ) -> IndexReport:
+    """Index image files and dataset CSVs.
+
+    `gpu_decode`: decode plain JPEGs in the main process on the encoder's device with
+    torchvision (nvJPEG on CUDA) instead of with PIL in the workers. None (auto) = on for a
+    CUDA encoder; True also works on a CPU encoder (torchvision's CPU decoder: the same code
+    path, which is how it is tested without a GPU).
+    """
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -169,6 +296,12 @@ def index_paths(
             continue
         known.add(sha)  # the same content twice in one run is stored once
         todo.append((path, sha, caption))
+    decode_device = encoder.device
+    device_decode = decode_device.type == "cuda" if gpu_decode is None else gpu_decode
+    unsupported = _device_decode_supported(encoder) if device_decode else None
+    if unsupported is not None:
+        log.warning("JPEG decoding on %s is off for this model: %s", decode_device, unsupported)
+        device_decode = False
     dataset = _ImageFiles(
         [p for p, _, _ in todo],
         encoder.preprocess_image,
@@ -176,6 +309,7 @@ def index_paths(
         settings.thumbnail_px,
         settings.limits.max_image_pixels,
         settings.limits.max_upload_bytes,
+        raw_jpegs=device_decode,
     )
     loader = DataLoader(
         dataset,
@@ -190,14 +324,32 @@ def index_paths(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmodal-commit") as writer:
         pending: Future[None] | None = None
         for batch in loader:
-            good = [d for d in batch if d.pixels is not None]
+            raw = [d for d in batch if d.error is None and d.jpeg is not None]
+            if raw:
+                on_device = _decode_on_device(
+                    raw, encoder, decode_device, thumbnail_px=settings.thumbnail_px,
+                    max_pixels=settings.limits.max_image_pixels, draft_px=dataset.draft_px,
+                )  # fmt: skip
+                if on_device:
+                    report.decoded_on_device += len(raw)
+                else:
+                    report.device_decode_fallbacks += 1
+            good = [d for d in batch if d.pixels is not None]  # batch order, as committed
             for bad in batch:
                 if bad.error is not None:
                     path = todo[bad.position][0]
                     report.failed.append((str(path), bad.error))
                     log.warning("skipped %s: %s", path, bad.error)
             if good:
-                vectors = encoder.encode_images([d.pixels for d in good if d.pixels is not None])
+                images = [d.pixels for d in good if d.pixels is not None]
+                if raw:  # device-decoded rows live on decode_device, the workers' on the CPU
+                    vectors = encoder.encode_images(
+                        torch.stack([p.to(decode_device) for p in images])
+                    )
+                else:
+                    vectors = encoder.encode_images(images)
+                for d in good:  # the writer thread needs neither: free them before the commit
+                    d.pixels = d.jpeg = None
                 if pending is not None:
                     pending.result()  # one batch in flight; re-raises a failed commit
                 pending = writer.submit(_commit_batch, library, todo, good, vectors, metadata or {})
