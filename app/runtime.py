@@ -124,8 +124,10 @@ class Library:
         try:
             store = MetadataStore(data_dir / "xmodal.sqlite3")
             media = MediaStore(data_dir)
-            media.clean_temp()
-            _check_model(store, encoder, reembed=settings.reembed_on_model_change)
+            if lock:
+                # Only the process that owns the data dir may sweep another's uploads.
+                media.clean_temp()
+            _check_model(store, encoder, reembed=settings.reembed_on_model_change and lock)
             policy = collection_policy(settings)
             common: dict[str, Any] = {
                 "dim": encoder.dim,
