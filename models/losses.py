@@ -42,6 +42,7 @@ def mine_hard_negatives(
     *,
     hard: bool = True,
     temperature: float = 1.0,
+    hardness: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one negative text per image and one negative image per text from a batch.
 
@@ -50,6 +51,8 @@ def mine_hard_negatives(
     (ALBEF/BLIP: the pairs the dual encoder confuses are the ones worth teaching the fusion
     head); hard=False samples negatives uniformly. Returns (text index per image, image index
     per text), -1 where a row has no negative (every caption in the batch is the same).
+    `hardness` in [0, 1] mixes the two: weights = hardness * mined + (1 - hardness) * uniform
+    (a curriculum: a head trained from scratch gets no usable gradient from near-twins alone).
     """
     with torch.no_grad():
         sim = similarity.detach().float()
@@ -60,6 +63,11 @@ def mine_hard_negatives(
             has_negative = (~pos).any(dim=1)
             # A row with no negative would softmax to NaN: give it uniform weights, mark -1.
             weights = torch.softmax(s.masked_fill(~has_negative[:, None], 0.0), dim=1)
+            if hard and hardness < 1.0:
+                uniform = (~pos).float()
+                uniform = uniform / uniform.sum(dim=1, keepdim=True).clamp_min(1.0)
+                uniform = torch.where(has_negative[:, None], uniform, weights)
+                weights = hardness * weights + (1.0 - hardness) * uniform
             # Sample on the CPU with the caller's CPU generator: the same draws on any device.
             picked = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1)
             picked = picked.to(weights.device)

@@ -73,6 +73,9 @@ class TrainConfig:
     # setting made re-ranking pay off (docs/reranker.md).
     group_batches: bool = False
     hard_negatives: bool = True  # ITM negatives by in-batch similarity (False: uniform)
+    # Curriculum: the share of mined (vs uniform) ITM negatives rises linearly from 0 to 1 over
+    # this fraction of the steps (0: mined from the first step).
+    hard_negative_ramp: float = 0.0
     group_itm: bool = True  # with group_batches: score every within-group pair, group softmax
     itc_weight: float = 1.0
     itm_weight: float = 1.0
@@ -342,6 +345,8 @@ def _train(config: TrainConfig) -> Path:
                 losses = _step_losses(
                     cfg, model, visual, fusion, pixels[idx].to(device), ids, blocks,
                     generator, towers_train=towers_train, with_itm=step >= itm_from,
+                    hardness=min(1.0, step / max(1.0, cfg.hard_negative_ramp * total))
+                    if cfg.hard_negative_ramp > 0 else 1.0,
                 )  # fmt: skip
             loss = losses["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -407,6 +412,7 @@ def _step_losses(
     *,
     towers_train: bool,
     with_itm: bool,
+    hardness: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     previous = visual.output_tokens
     visual.output_tokens = True
@@ -428,7 +434,7 @@ def _step_losses(
     if with_itm:
         similarity = (logit_scale.exp() * img_emb @ txt_emb.t()).detach()
         neg_text, neg_image = mine_hard_negatives(
-            similarity, positives, generator, hard=cfg.hard_negatives
+            similarity, positives, generator, hard=cfg.hard_negatives, hardness=hardness
         )
         b = torch.arange(len(ids), device=ids.device)
         has_t, has_i = neg_text >= 0, neg_image >= 0

@@ -58,3 +58,19 @@ def test_group_listwise_loss() -> None:
     pos = torch.eye(4, dtype=torch.bool)[None]
     assert group_listwise_loss(torch.zeros(1, 4, 4), pos).item() == pytest.approx(math.log(4))
     assert group_listwise_loss(torch.eye(4)[None] * 10, pos) < 0.01
+
+
+def test_mining_hardness_mixes_in_uniform_negatives() -> None:
+    # Row 0's confusable negative is text 1; text 2 and 3 are easy (far) negatives.
+    sim = torch.tensor([[5.0, 4.9, -5.0, -5.0]] * 4) * 3
+    pos = torch.eye(4, dtype=torch.bool)
+    counts = {}
+    for hardness in (1.0, 0.0):
+        gen = torch.Generator().manual_seed(0)
+        picks = torch.stack(
+            [mine_hard_negatives(sim, pos, gen, hardness=hardness)[0] for _ in range(300)]
+        )
+        assert not (picks[:, 0] == 0).any()  # never the positive
+        counts[hardness] = torch.bincount(picks[:, 0], minlength=4)
+    assert counts[1.0][1] == 300  # fully mined: always the confusable one
+    assert all(80 <= int(c) <= 120 for c in counts[0.0][1:])  # uniform over the three negatives
