@@ -4,7 +4,14 @@
 #   bash bench/gpu.sh [OUT_DIR]        # default OUT_DIR: bench/out-gpu (or $OUT when set)
 #
 # Runs from the repository root with a python3 that has torch + torchvision (CUDA). Missing
-# pure-Python dependencies can travel as wheels in .whl/ (installed into /tmp/site first).
+# dependencies can travel as wheels in .whl/ (installed into /tmp/site first). For a machine
+# with Python 3.12 and torch but nothing else of ours, fetch them where pip works:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     open_clip_torch faiss-cpu fastapi starlette uvicorn pydantic pydantic-core \
+#     pydantic-settings python-dotenv python-multipart annotated-types typing-inspection \
+#     typing_extensions ftfy wcwidth opentelemetry-api
+# (pick the pydantic-core that the pydantic wheel names).
 # Each step has its own time limit so one slow step cannot eat the others' time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
