@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+from app.paths import images_under
 
 
 class XmodalError(Exception):
@@ -69,11 +69,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            out.extend(
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            out.extend(images_under(path))
         else:
             out.append(path)
     return out

@@ -6,6 +6,7 @@ Files are named by their SHA-256, never by a client-given name, and written atom
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -19,6 +20,17 @@ EXTENSION_BY_MIME = {
     "image/bmp": ".bmp",
     "image/tiff": ".tif",
 }
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """(SHA-256 hex digest, size in bytes) of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -17,7 +17,6 @@ cannot decode falls back to PIL in the main process.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from app.paths import images_under
 from app.runtime import Library
+from app.services.library import text_sha256
+from index.media import file_sha256
 from index.store import NewItem
 from models.encoder import Encoder
 from models.imaging import ImageError, decode_image, make_thumbnail, probe_image
@@ -44,8 +46,6 @@ from models.tensor_preprocess import (
 )
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -69,9 +69,8 @@ def iter_inputs(paths: list[Path]) -> Iterator[tuple[Path, str | None]]:
     """(image path, caption or None) for every image under folders and in CSV files."""
     for path in paths:
         if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
-                    yield child, None
+            for child in images_under(path):
+                yield child, None
         elif path.suffix.lower() == ".csv":
             with open(path, newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh)
@@ -84,14 +83,6 @@ def iter_inputs(paths: list[Path]) -> Iterator[tuple[Path, str | None]]:
             yield path, None
         else:
             raise FileNotFoundError(f"{path} does not exist")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -287,7 +278,7 @@ def index_paths(
         if caption:
             captions.append(caption)
         try:
-            sha = sha256_of(path)
+            sha, _ = file_sha256(path)
         except OSError as exc:
             report.failed.append((str(path), f"{type(exc).__name__}: {exc}"))
             continue
@@ -405,7 +396,7 @@ def _index_captions(library: Library, captions: list[str], batch_size: int) -> i
     known = library.store.all_shas("text")
     fresh: dict[str, str] = {}
     for text in captions:
-        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        sha = text_sha256(text)
         if sha not in known and sha not in fresh:
             fresh[sha] = text
     shas = list(fresh)

@@ -32,6 +32,7 @@ from app.errors import (
 )
 from app.metrics import ITEMS_ADDED
 from app.runtime import Library, Runtime
+from index.media import file_sha256
 from index.store import Kind, NewItem, StoredItem
 from models.imaging import CorruptImage, ImageTooLarge, NotAnImage, decode_image, make_thumbnail
 
@@ -71,20 +72,10 @@ def clean_filename(name: str | None) -> str | None:
     return base[:255] or None
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def prepare_image(library: Library, source: UploadSource) -> PreparedImage:
     """Decode and check one uploaded file (on a worker thread)."""
     limits = library.settings.limits
-    sha, size = _sha256_file(source.path)
+    sha, size = file_sha256(source.path)
     if size == 0:
         raise InvalidImage(f"{source.filename or 'file'}: the file is empty")
     if size > limits.max_upload_bytes:
@@ -218,7 +209,8 @@ async def add_images(
     return [AddedItem(stored[i], not new) for i, new in results]
 
 
-def _text_sha(text: str) -> str:
+def text_sha256(text: str) -> str:
+    """The content address of a text: identical texts are stored once."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -256,7 +248,7 @@ async def add_texts(runtime: Runtime, entries: list[tuple[str, dict[str, Any]]])
         )
         for text, meta in entries
     ]
-    shas = [_text_sha(text) for text, _ in cleaned]
+    shas = [text_sha256(text) for text, _ in cleaned]
     assert runtime.text_batcher is not None
     vectors = await runtime.text_batcher.submit_many([text for text, _ in cleaned])
     items = [

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 from app.runtime import Library
-from app.services.bulk import IndexReport, index_paths, sha256_of
+from app.services.bulk import IndexReport, index_paths
+from index.media import file_sha256
 from models.encoder import Encoder
 from tests.conftest import image_bytes, make_settings
 
@@ -44,7 +45,7 @@ def _index(encoder: Encoder, data: Path, folder: Path, **kwargs: object) -> tupl
         report = index_paths(library, [folder], batch_size=4, progress=False, **kwargs)  # type: ignore[arg-type]
         stored: dict[str, tuple[int, int, np.ndarray, bool]] = {}
         for path in sorted(folder.iterdir()):
-            item = library.store.find_sha("image", sha256_of(path))
+            item = library.store.find_sha("image", file_sha256(path)[0])
             if item is None:
                 continue
             embedding = library.store.embedding("image", item.id)
@@ -115,7 +116,7 @@ def test_device_jpeg_thumbnail_matches_pil_size(encoder: Encoder, tmp_path: Path
     try:
         report = index_paths(library, [folder], workers=0, progress=False, gpu_decode=True)
         assert report.decoded_on_device == 1
-        sha = sha256_of(folder / "wide.jpg")
+        sha = file_sha256(folder / "wide.jpg")[0]
         thumb = Image.open(library.media.thumbnail_path(sha))
         px = library.settings.thumbnail_px
         assert thumb.format == "JPEG" and thumb.size == (px, round(400 * px / 1000))
