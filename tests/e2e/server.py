@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +21,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float, check: Callable[[], None], *, pause: float) -> bool:
+    """Poll /readyz until 200 (True) or `timeout` (False); `check` may raise to give up early."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(pause)
+    return False
 
 
 class ServerProcess:
@@ -46,17 +61,15 @@ class ServerProcess:
         ]  # fmt: skip
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready in {timeout}s: {self.log_tail()}")
+        proc = self.proc
+
+        def still_running() -> None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {self.log_tail()}")
+
+        if not wait_ready(self.url, timeout, still_running, pause=0.1):
+            raise RuntimeError(f"server not ready in {timeout}s: {self.log_tail()}")
+        return self
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
@@ -90,15 +103,9 @@ class InProcessServer:
 
     def __enter__(self) -> InProcessServer:
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("in-process server did not become ready")
+        if not wait_ready(self.url, 60, lambda: None, pause=0.05):
+            raise RuntimeError("in-process server did not become ready")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
