@@ -126,9 +126,10 @@ class Encoder:
         return out
 
     def match_probabilities(
-        self, text: TextOutput, image_tokens: torch.Tensor, pairs: Sequence[tuple[int, int]]
+        self, text: TextOutput, image: ImageTokens, pairs: Sequence[tuple[int, int]]
     ) -> np.ndarray:
-        """ITM probability for each (text row, image row) pair, in one forward pass."""
+        """ITM probability for each (text row, image row) pair, in one forward pass (the
+        fusion logit includes the pair's dual-encoder cosine, see models/fusion.py)."""
         if self.fusion is None:
             raise RuntimeError("this model has no fusion re-ranker")
         if not pairs:
@@ -136,6 +137,8 @@ class Encoder:
         t_idx = torch.tensor([p[0] for p in pairs], device=self.device)
         i_idx = torch.tensor([p[1] for p in pairs], device=self.device)
         with self._inference():
-            logits = self.fusion(text.tokens[t_idx], text.mask[t_idx], image_tokens[i_idx])
+            text_emb = F.normalize(text.pooled[t_idx].float(), dim=-1)
+            cosine = (text_emb * image.pooled[i_idx].float()).sum(dim=-1)
+            logits = self.fusion(text.tokens[t_idx], text.mask[t_idx], image.tokens[i_idx], cosine)
             probs = torch.sigmoid(logits.float())
         return probs.cpu().numpy()

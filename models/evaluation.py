@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.encoder import Encoder
+from models.encoder import Encoder, ImageTokens
 from models.factory import EncoderSpec, load_encoder
 from models.text_tower import TextOutput
 from models.training import read_rows
@@ -57,7 +57,9 @@ def rerank(ranking: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.concatenate([head, ranking[:, k:]], axis=1)
 
 
-def _encode_images(encoder: Encoder, paths: list[Path], batch: int) -> tuple[np.ndarray, Any]:
+def _encode_images(
+    encoder: Encoder, paths: list[Path], batch: int
+) -> tuple[np.ndarray, ImageTokens | None]:
     embs, tokens = [], []
     for start in range(0, len(paths), batch):
         pixels = []
@@ -70,7 +72,8 @@ def _encode_images(encoder: Encoder, paths: list[Path], batch: int) -> tuple[np.
             tokens.append(out.tokens)
         else:
             embs.append(encoder.encode_images(pixels))
-    return np.concatenate(embs), torch.cat(tokens) if tokens else None
+    emb = np.concatenate(embs)
+    return emb, ImageTokens(torch.from_numpy(emb), torch.cat(tokens)) if tokens else None
 
 
 def _text_tokens(encoder: Encoder, texts: list[str], batch: int) -> TextOutput:
@@ -86,7 +89,7 @@ def _text_tokens(encoder: Encoder, texts: list[str], batch: int) -> TextOutput:
 def _itm_scores(
     encoder: Encoder,
     texts: TextOutput,
-    image_tokens: torch.Tensor,
+    image_tokens: ImageTokens,
     ranking: np.ndarray,
     *,
     text_queries: bool,

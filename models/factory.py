@@ -240,7 +240,7 @@ def build_model_from_checkpoint(
     fusion = None
     if ckpt.fusion_cfg is not None and ckpt.fusion_state_dict is not None:
         fusion = FusionReranker(FusionConfig.from_dict(ckpt.fusion_cfg))
-        fusion.load_state_dict(ckpt.fusion_state_dict)
+        fusion.load_compatible(ckpt.fusion_state_dict)
         fusion = fusion.to(device)
     return model.to(device), fusion
 

@@ -4,6 +4,13 @@ Each layer is open_clip's `ResidualAttentionBlock`: a self-attention block over 
 (padding masked) followed by a cross-attention block (`is_cross_attention=True`) whose keys and
 values are the image patch tokens. The head reads the pooled text tokens and returns one logit:
 sigmoid(logit) is the probability that the caption matches the image.
+
+The logit is a correction on top of the dual encoder: head(text, image) + w * cosine, where the
+cosine of the two pooled embeddings comes from the caller and w is learned (initialised by
+training to the towers' contrastive scale). A head trained on near-twins knows nothing about
+the other look-alikes among the top candidates; on its own its scores re-ranked them worse
+than the dual encoder (docs/reranker.md). With the cosine inside the logit the head only has to
+learn what the dual encoder gets wrong. Checkpoints from before this term load with w = 0.
 """
 
 from __future__ import annotations
@@ -53,11 +60,17 @@ class FusionReranker(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, 1)
         )
+        self.dual_weight = nn.Parameter(torch.zeros(()))
 
     def forward(
-        self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
+        self,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        similarity: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """text_tokens [B, L, Wt], text_mask [B, L] (True = real), image_tokens [B, P, Wv]
+        """text_tokens [B, L, Wt], text_mask [B, L] (True = real), image_tokens [B, P, Wv],
+        similarity [B] (cosine of each pair's pooled embeddings; None: head only)
         -> match logits [B]."""
         dtype = self.text_in.weight.dtype
         t = self.text_in(text_tokens.to(dtype))  # [B, L, W]
@@ -73,4 +86,14 @@ class FusionReranker(nn.Module):
         t = self.ln_final(t)
         weights = text_mask.to(t.dtype)[..., None]  # [B, L, 1]
         pooled = (t * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # [B, W]
-        return self.head(pooled).squeeze(-1)  # [B]
+        logits: torch.Tensor = self.head(pooled).squeeze(-1)  # [B]
+        if similarity is not None:
+            # In float32 even for a bf16 head: twins' cosines differ in the third decimal.
+            logits = logits.float() + self.dual_weight.float() * similarity.float()
+        return logits
+
+    def load_compatible(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state dict; one saved before the dual-encoder term keeps w = 0 (head only)."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"dual_weight"}:
+            raise RuntimeError(f"fusion weights do not fit: missing {missing}, extra {unexpected}")

@@ -282,6 +282,8 @@ def _train(config: TrainConfig) -> Path:
                     text_width=text_width, image_width=image_width, layers=cfg.fusion_layers
                 )
             ).to(device)
+        with torch.no_grad():  # start the dual-encoder term at the towers' contrastive scale
+            fusion.dual_weight.fill_(float(model.logit_scale.exp()))  # type: ignore[operator]
     elif fusion.cfg.layers != cfg.fusion_layers:
         log.warning("continuing the checkpoint's %d-layer fusion head", fusion.cfg.layers)
     visual: Any = getattr(model, "visual")  # noqa: B009
@@ -450,7 +452,10 @@ def _step_losses(
         t_tok, t_mask, v_tok = txt.tokens, txt.mask, img_tokens
         if not cfg.itm_into_towers:
             t_tok, v_tok = t_tok.detach(), v_tok.detach()
-        logits = fusion(t_tok[t_all], t_mask[t_all], v_tok[i_all])
+        # The pair's cosine enters the logit as a fixed input: ITC alone trains the towers'
+        # pooled embeddings; the head learns a correction on top of them.
+        cosine = (txt_emb[t_all] * img_emb[i_all]).sum(dim=-1).detach()
+        logits = fusion(t_tok[t_all], t_mask[t_all], v_tok[i_all], cosine)
         labels = positives[t_all, i_all]
         out["itm"] = itm_loss(logits, labels)
         total = total + cfg.itm_weight * out["itm"]

@@ -51,5 +51,5 @@ def rerank_batch(encoder: Encoder, jobs: list[RerankJob]) -> list[np.ndarray]:
         bounds.append((start, len(pairs)))
     text_out = encoder.text_tokens(texts)
     image_out = encoder.image_tokens(images)
-    probs = encoder.match_probabilities(text_out, image_out.tokens, pairs)
+    probs = encoder.match_probabilities(text_out, image_out, pairs)
     return [probs[a:b] for a, b in bounds]

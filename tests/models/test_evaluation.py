@@ -60,13 +60,13 @@ class HandEncoder:
         return TextOutput(pooled, ids, torch.ones(len(texts), 1, dtype=torch.bool))
 
     def match_probabilities(
-        self, text: TextOutput, image_tokens: torch.Tensor, pairs: list[tuple[int, int]]
+        self, text: TextOutput, image: ImageTokens, pairs: list[tuple[int, int]]
     ) -> np.ndarray:
         assert self.match is not None
         out = []
         for t, i in pairs:
             caption = self._texts[int(text.tokens[t, 0, 0].item())]
-            out.append(self.match.get((caption, int(image_tokens[i, 0, 0].item())), 0.1))
+            out.append(self.match.get((caption, int(image.tokens[i, 0, 0].item())), 0.1))
         return np.array(out, dtype=np.float32)
 
 

@@ -71,7 +71,7 @@ def _outputs(encoder: Encoder, data: Path) -> list[np.ndarray]:
         encoder.encode_images(pixels),
         encoder.encode_texts(texts),
         tokens.tokens.numpy(),
-        encoder.match_probabilities(text_out, tokens.tokens, pairs),
+        encoder.match_probabilities(text_out, tokens, pairs),
     ]
 
 
