@@ -76,6 +76,9 @@ class TrainConfig:
     # Curriculum: the share of mined (vs uniform) ITM negatives rises linearly from 0 to 1 over
     # this fraction of the steps (0: mined from the first step).
     hard_negative_ramp: float = 0.0
+    # With group_batches: the share of each batch filled with whole twin groups; the rest are
+    # random rows (1.0: whole groups only). Twins teach the head; random rows keep ITC easy.
+    twin_share: float = 1.0
     group_itm: bool = True  # with group_batches: score every within-group pair, group softmax
     itc_weight: float = 1.0
     itm_weight: float = 1.0
@@ -161,27 +164,46 @@ def _group_ids(groups: list[str] | None, n: int) -> list[list[int]]:
 
 
 def batches(
-    groups: list[list[int]], batch_size: int, generator: torch.Generator, *, whole_groups: bool
+    groups: list[list[int]],
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    whole_groups: bool,
+    twin_share: float = 1.0,
 ) -> Iterator[list[int]]:
-    """One epoch of row-index batches. whole_groups: shuffle the groups and fill each batch
-    with whole groups (so near-twins meet as in-batch negatives); else shuffle the rows."""
-    if whole_groups:
-        order = torch.randperm(len(groups), generator=generator).tolist()
+    """One epoch of row-index batches; every row once.
+
+    whole_groups: shuffle the groups; a `twin_share` of them go into batches whole (so
+    near-twins meet as in-batch negatives), filling about that share of each batch, and the
+    rows of the others are shuffled and fill the rest. twin_share=1: whole groups only.
+    Else: shuffle the rows."""
+    if not whole_groups:
+        rows = [i for g in groups for i in g]
+        perm = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(rows), batch_size):
+            chunk = [rows[p] for p in perm[start : start + batch_size]]
+            if len(chunk) > 1:  # ITC needs at least one negative
+                yield chunk
+        return
+    order = torch.randperm(len(groups), generator=generator).tolist()
+    n_whole = round(min(max(twin_share, 0.0), 1.0) * len(order))
+    whole = [groups[g] for g in order[:n_whole]]
+    loose = [i for g in order[n_whole:] for i in groups[g]]
+    loose = [loose[p] for p in torch.randperm(len(loose), generator=generator).tolist()]
+    target = batch_size if not loose else max(1, round(twin_share * batch_size))
+    w = r = 0
+    while w < len(whole) or r < len(loose):
         batch: list[int] = []
-        for g in order:
-            if batch and len(batch) + len(groups[g]) > batch_size:
-                yield batch
-                batch = []
-            batch.extend(groups[g])
+        # Whole groups up to the twin target (or the whole batch once loose rows run out).
+        limit = target if r < len(loose) else batch_size
+        while w < len(whole) and (not batch or len(batch) + len(whole[w]) <= limit):
+            batch.extend(whole[w])
+            w += 1
+        take = batch_size - len(batch) if w < len(whole) or r < len(loose) else 0
+        batch.extend(loose[r : r + take])
+        r += min(take, len(loose) - r)
         if len(batch) > 1:
             yield batch
-        return
-    rows = [i for g in groups for i in g]
-    perm = torch.randperm(len(rows), generator=generator).tolist()
-    for start in range(0, len(rows), batch_size):
-        chunk = [rows[p] for p in perm[start : start + batch_size]]
-        if len(chunk) > 1:  # ITC needs at least one negative
-            yield chunk
 
 
 def _group_blocks(batch: list[int], row_group: list[int], size: int) -> torch.Tensor:
@@ -310,7 +332,10 @@ def _train(config: TrainConfig) -> Path:
     # (with twin groups of unequal sizes it can differ by a batch; the schedule just clips).
     counter = torch.Generator().manual_seed(0)
     steps_per_epoch = sum(
-        1 for _ in batches(groups, cfg.batch_size, counter, whole_groups=whole_groups)
+        1
+        for _ in batches(
+            groups, cfg.batch_size, counter, whole_groups=whole_groups, twin_share=cfg.twin_share
+        )
     )
     total = steps_per_epoch * cfg.epochs
     amp = _use_amp(cfg.amp, device)
@@ -329,7 +354,9 @@ def _train(config: TrainConfig) -> Path:
     first: dict[str, float] = {}
     progress = tqdm(total=total, desc="train", unit="step")
     for epoch in range(cfg.epochs):
-        for batch in batches(groups, cfg.batch_size, generator, whole_groups=whole_groups):
+        for batch in batches(
+            groups, cfg.batch_size, generator, whole_groups=whole_groups, twin_share=cfg.twin_share
+        ):
             if time.monotonic() > deadline:
                 stopped_early = True
                 break

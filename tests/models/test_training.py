@@ -3,6 +3,7 @@ bit-exactly, and a local weights file or a checkpoint can be the starting point.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
 from models.synthetic import write_dataset
-from models.training import TrainConfig, train
+from models.training import TrainConfig, batches, train
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +142,20 @@ def test_continue_with_frozen_towers_changes_only_the_fusion(
         not torch.equal(before.fusion_state_dict[k], v) for k, v in after.fusion_state_dict.items()
     )
     assert "itc" not in after.info["final_losses"]
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
+def test_mixed_batches_hold_each_row_once_and_the_asked_share_of_whole_groups(
+    share: float,
+) -> None:
+    groups = [[4 * g + i for i in range(4)] for g in range(64)]
+    out = list(
+        batches(groups, 32, torch.Generator().manual_seed(0), whole_groups=True, twin_share=share)
+    )
+    assert sorted(i for b in out for i in b) == list(range(256))
+    assert all(len(b) == 32 for b in out)
+    whole = [sum(n for n in Counter(i // 4 for i in b).values() if n == 4) for b in out]
+    # Loose rows of different groups can complete a group by chance: at least the share.
+    assert all(w >= share * 32 for w in whole)
+    if share == 0.5:
+        assert sum(whole) < 256
