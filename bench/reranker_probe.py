@@ -1,7 +1,7 @@
 """Probe what a fusion head can learn from frozen tower features, by kind of near-twin.
 
     python bench/reranker_probe.py --checkpoint CKPT --train CSV --test CSV \
-        [--steps 500] [--image-features final|embed|N] [--position-code 1.0] [--readout gated]
+        [--steps 500] [--image-features final|embed|N] [--position-code 1.0] [--readout gated|pairwise]
 
 Both CSVs need the `group` column that `xmodal synth --twins` writes (4 rows per group in the
 order original, colour swap, relation flip, both). The checkpoint's towers are frozen and run
@@ -115,15 +115,16 @@ class Probe(nn.Module):
     """The product's FusionReranker, optionally with a fixed 2-D position code added to the
     projected patches and a gated (bilinear) term on each token before pooling."""
 
-    def __init__(self, cfg: FusionConfig, patches: int, position: float, gated: bool) -> None:
+    def __init__(self, cfg: FusionConfig, patches: int, position: float, readout: str) -> None:
         super().__init__()
         self.fusion = FusionReranker(cfg)
         self.register_buffer("position", sincos_2d(patches, cfg.width) * position)
         self.gate = (
             nn.ModuleList([nn.Linear(cfg.width, cfg.width), nn.Linear(cfg.width, cfg.width)])
-            if gated
+            if readout == "gated"
             else None
         )
+        self.pairwise = _PairwiseRelations(cfg.width, patches) if readout == "pairwise" else None
 
     def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         f = self.fusion
@@ -139,7 +140,40 @@ class Probe(nn.Module):
             t = t + self.gate[0](t) * self.gate[1](t)
         weights = mask.to(t.dtype)[..., None]
         pooled = (t * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        if self.pairwise is not None:
+            pooled = pooled + self.pairwise(t, mask, v)
         out: torch.Tensor = f.head(pooled).squeeze(-1)
+        return out
+
+
+class _PairwiseRelations(nn.Module):
+    """Each text token attends (one head) to the patches; the attention's centroid is where
+    the token "looks". For every ordered token pair, a gate from the two tokens multiplies a
+    code of the centroids' difference, so how a position difference changes the score depends
+    on which tokens look there: a first-order path for "X is above Y"."""
+
+    def __init__(self, width: int, patches: int) -> None:
+        super().__init__()
+        side = round(patches**0.5)
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij"
+        )
+        self.register_buffer("xy", torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1))
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.first = nn.Linear(width, width)
+        self.second = nn.Linear(width, width)
+        self.offset = nn.Linear(2, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, t: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = self.query(t) @ self.key(v).transpose(1, 2) / t.shape[-1] ** 0.5  # [B, L, P]
+        centroid = scores.softmax(dim=-1) @ self.xy  # [B, L, 2]
+        offset = self.offset(centroid[:, :, None, :] - centroid[:, None, :, :])  # [B, L, L, W]
+        gate = self.first(t)[:, :, None, :] + self.second(t)[:, None, :, :]  # [B, L, L, W]
+        pair_mask = (mask[:, :, None] & mask[:, None, :]).to(t.dtype)[..., None]
+        pooled = (gate * offset * pair_mask).sum(dim=(1, 2)) / pair_mask.sum(dim=(1, 2))
+        out: torch.Tensor = self.out(pooled)
         return out
 
 
@@ -194,7 +228,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--image-features", default="final", help="final | embed | block N")
     parser.add_argument("--position-code", type=float, default=0.0, help="scale; 0 = off")
-    parser.add_argument("--readout", choices=["mean", "gated"], default="mean")
+    parser.add_argument("--readout", choices=["mean", "gated", "pairwise"], default="mean")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -214,7 +248,7 @@ def main() -> None:
         image_width=train.image_tokens.shape[-1],
         layers=args.layers,
     )
-    probe = Probe(cfg, train.image_tokens.shape[1], args.position_code, args.readout == "gated")
+    probe = Probe(cfg, train.image_tokens.shape[1], args.position_code, args.readout)
     optimizer = torch.optim.AdamW(
         probe.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98)
     )
