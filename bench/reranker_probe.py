@@ -124,7 +124,11 @@ class Probe(nn.Module):
             if readout == "gated"
             else None
         )
-        self.pairwise = _PairwiseRelations(cfg.width, patches) if readout == "pairwise" else None
+        self.pairwise = (
+            _PairwiseRelations(cfg.width, patches, compete=readout == "pairwise-compete")
+            if readout.startswith("pairwise")
+            else None
+        )
 
     def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         f = self.fusion
@@ -152,8 +156,9 @@ class _PairwiseRelations(nn.Module):
     code of the centroids' difference, so how a position difference changes the score depends
     on which tokens look there: a first-order path for "X is above Y"."""
 
-    def __init__(self, width: int, patches: int) -> None:
+    def __init__(self, width: int, patches: int, compete: bool = False) -> None:
         super().__init__()
+        self.compete = compete
         side = round(patches**0.5)
         ys, xs = torch.meshgrid(
             torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij"
@@ -168,7 +173,12 @@ class _PairwiseRelations(nn.Module):
 
     def forward(self, t: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         scores = self.query(t) @ self.key(v).transpose(1, 2) / t.shape[-1] ** 0.5  # [B, L, P]
-        centroid = scores.softmax(dim=-1) @ self.xy  # [B, L, 2]
+        if self.compete:  # slot-attention style: each patch is shared out among the tokens
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=1)
+            weights = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+        else:
+            weights = scores.softmax(dim=-1)
+        centroid = weights @ self.xy  # [B, L, 2]
         offset = self.offset(centroid[:, :, None, :] - centroid[:, None, :, :])  # [B, L, L, W]
         gate = self.first(t)[:, :, None, :] + self.second(t)[:, None, :, :]  # [B, L, L, W]
         pair_mask = (mask[:, :, None] & mask[:, None, :]).to(t.dtype)[..., None]
@@ -256,7 +266,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--image-features", default="final", help="final | embed | block N")
     parser.add_argument("--position-code", type=float, default=0.0, help="scale; 0 = off")
-    parser.add_argument("--readout", choices=["mean", "gated", "pairwise"], default="mean")
+    parser.add_argument(
+        "--readout", choices=["mean", "gated", "pairwise", "pairwise-compete"], default="mean"
+    )
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
