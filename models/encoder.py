@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from models.checkpoint import Checkpoint
 from models.fusion import FusionReranker
 from models.text_tower import TextOutput, text_forward
 
@@ -65,6 +66,22 @@ class Encoder:
     @property
     def has_reranker(self) -> bool:
         return self.fusion is not None
+
+    def to_checkpoint(
+        self, fusion: FusionReranker | None = None, info: dict[str, Any] | None = None
+    ) -> Checkpoint:
+        """This encoder's towers and preprocessing, with `fusion` (default: its own head, if
+        any), as one checkpoint for `save_checkpoint`."""
+        fusion = fusion if fusion is not None else self.fusion
+        return Checkpoint(
+            model_name=self.name,
+            model_cfg=self.model_cfg,
+            state_dict=self.model.state_dict(),
+            preprocess_cfg=self.preprocess_cfg,
+            fusion_cfg=fusion.cfg.to_dict() if fusion is not None else None,
+            fusion_state_dict=fusion.state_dict() if fusion is not None else None,
+            info=info or {},
+        )
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:

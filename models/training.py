@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import Checkpoint, save_checkpoint
+from models.checkpoint import save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
 from models.fusion import FusionConfig, FusionReranker
@@ -404,13 +404,8 @@ def _train(config: TrainConfig) -> Path:
     model.eval()
     fusion.eval()
     final = {k: sum(v) / len(v) for k, v in recent.items()}  # mean over the last epoch's steps
-    ckpt = Checkpoint(
-        model_name=encoder.name,
-        model_cfg=encoder.model_cfg,
-        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        preprocess_cfg=encoder.preprocess_cfg,
-        fusion_cfg=fusion.cfg.to_dict(),
-        fusion_state_dict={k: v.detach().cpu().clone() for k, v in fusion.state_dict().items()},
+    ckpt = encoder.to_checkpoint(
+        fusion,
         info={
             "base": {"model": cfg.model, "pretrained": encoder.pretrained},
             "config": cfg.to_info(),

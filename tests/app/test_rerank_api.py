@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.services.model_calls import RerankJob, rerank_batch
-from models.checkpoint import Checkpoint, save_checkpoint
+from models.checkpoint import save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
 from models.fusion import FusionConfig, FusionReranker
@@ -28,17 +28,7 @@ def reranking_encoder(encoder: Encoder, tmp_path_factory: pytest.TempPathFactory
         FusionConfig(text_width=width, image_width=encoder.model_cfg["vision_cfg"]["width"])
     )
     path = tmp_path_factory.mktemp("ckpt") / "with-fusion.pt"
-    save_checkpoint(
-        Checkpoint(
-            model_name=encoder.name,
-            model_cfg=encoder.model_cfg,
-            state_dict=encoder.model.state_dict(),
-            preprocess_cfg=encoder.preprocess_cfg,
-            fusion_cfg=fusion.cfg.to_dict(),
-            fusion_state_dict=fusion.state_dict(),
-        ),
-        path,
-    )
+    save_checkpoint(encoder.to_checkpoint(fusion), path)
     loaded = load_encoder(EncoderSpec(checkpoint=path, device="cpu", precision="fp32"))
     assert loaded.has_reranker and loaded.fingerprint == encoder.fingerprint
     return loaded

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, WeightsUnavailable, load_encoder, register_builtin_configs
 from models.text_tower import encode_text_trimmed
@@ -69,15 +69,8 @@ def test_local_weights_file(encoder: Encoder, tmp_path: Path) -> None:
 
 def test_checkpoint_round_trip(encoder: Encoder, tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(
-        Checkpoint(
-            model_name="xmodal-tiny",
-            model_cfg=encoder.model_cfg,
-            state_dict=encoder.model.state_dict(),
-            preprocess_cfg=encoder.preprocess_cfg,
-        ),
-        path,
-    )
+    assert encoder.name == "xmodal-tiny" and not encoder.has_reranker
+    save_checkpoint(encoder.to_checkpoint(), path)
     ckpt = load_checkpoint(path)
     for key, value in encoder.model.state_dict().items():
         assert torch.equal(ckpt.state_dict[key], value), key

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
 from models.synthetic import write_dataset
@@ -82,18 +82,7 @@ def test_checkpoint_round_trips_bit_exactly(trained: Path, data: Path, tmp_path:
     assert first.fusion is not None
     # Save what was loaded, load it again: every tensor and every output must be identical.
     copy = tmp_path / "copy.pt"
-    save_checkpoint(
-        Checkpoint(
-            model_name=first.name,
-            model_cfg=first.model_cfg,
-            state_dict=first.model.state_dict(),
-            preprocess_cfg=first.preprocess_cfg,
-            fusion_cfg=first.fusion.cfg.to_dict(),
-            fusion_state_dict=first.fusion.state_dict(),
-            info=original.info,
-        ),
-        copy,
-    )
+    save_checkpoint(first.to_checkpoint(info=original.info), copy)
     again = load_checkpoint(copy)
     assert original.fusion_state_dict is not None and again.fusion_state_dict is not None
     for x, y in (
