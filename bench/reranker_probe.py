@@ -130,13 +130,17 @@ class Probe(nn.Module):
             else None
         )
 
-    def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def inputs(
+        self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected text tokens, projected patches (+ position code), self-attention mask."""
         f = self.fusion
         t = f.text_in(text)
-        v = f.image_in(image) + self.position
-        batch, length, _ = t.shape
-        pad = torch.zeros(batch, 1, length).masked_fill(~mask[:, None, :], float("-inf"))
-        pad = pad.expand(batch, length, length).repeat_interleave(f.cfg.heads, dim=0)
+        return t, f.image_in(image) + self.position, f.padding_mask(mask, t.dtype)
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        f = self.fusion
+        t, v, pad = self.inputs(text, mask, image)
         for self_block, cross_block in zip(f.self_blocks, f.cross_blocks, strict=True):
             t = cross_block(self_block(t, attn_mask=pad), k_x=v, v_x=v)
         t = f.ln_final(t)
@@ -196,11 +200,7 @@ def attention_entropy(probe: Probe, d: Features, n: int = 256) -> list[float]:
     text, mask, image = d.text_tokens[rows], d.text_mask[rows], d.image_tokens[rows]
     out = []
     with torch.inference_mode():
-        t = f.text_in(text)
-        v = f.image_in(image) + probe.position
-        batch, length, _ = t.shape
-        pad = torch.zeros(batch, 1, length).masked_fill(~mask[:, None, :], float("-inf"))
-        pad = pad.expand(batch, length, length).repeat_interleave(f.cfg.heads, dim=0)
+        t, v, pad = probe.inputs(text, mask, image)
         for self_block, cross_block in zip(f.self_blocks, f.cross_blocks, strict=True):
             t = self_block(t, attn_mask=pad)
             block: Any = cross_block  # open_clip's block; its parts are untyped modules

@@ -62,6 +62,14 @@ class FusionReranker(nn.Module):
         )
         self.dual_weight = nn.Parameter(torch.zeros(()))
 
+    def padding_mask(self, text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """text_mask [B, L] (True = real) -> the additive key-padding mask the self-attention
+        blocks take: [B * heads, L, L], -inf where the key is padding."""
+        batch, length = text_mask.shape
+        pad = torch.zeros(batch, 1, length, dtype=dtype, device=text_mask.device)
+        pad = pad.masked_fill(~text_mask[:, None, :], float("-inf"))
+        return pad.expand(batch, length, length).repeat_interleave(self.cfg.heads, dim=0)
+
     def forward(
         self,
         text_tokens: torch.Tensor,
@@ -75,11 +83,7 @@ class FusionReranker(nn.Module):
         dtype = self.text_in.weight.dtype
         t = self.text_in(text_tokens.to(dtype))  # [B, L, W]
         v = self.image_in(image_tokens.to(dtype))  # [B, P, W]
-        batch, length, _ = t.shape
-        # Additive key-padding mask for self-attention: [B * heads, L, L].
-        pad = torch.zeros(batch, 1, length, dtype=t.dtype, device=t.device)
-        pad = pad.masked_fill(~text_mask[:, None, :], float("-inf"))
-        pad = pad.expand(batch, length, length).repeat_interleave(self.cfg.heads, dim=0)
+        pad = self.padding_mask(text_mask, t.dtype)
         for self_block, cross_block in zip(self.self_blocks, self.cross_blocks, strict=True):
             t = self_block(t, attn_mask=pad)
             t = cross_block(t, k_x=v, v_x=v)
