@@ -34,6 +34,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -159,42 +160,30 @@ def device_decode_cost(encoder: Encoder, files: list[Path], thumbnail_px: int) -
 
 
 class Timers:
-    """Wraps encode_images, _decode_on_device and _commit_batch to split the wall time."""
+    """Wraps encode_images, _decode_on_device and _commit_batch to split the wall time.
+
+    device_decode is asynchronous on CUDA: its time is queueing the work plus the thumbnails'
+    copies back to the host (which wait for the decode); the rest lands in encode."""
 
     def __init__(self, encoder: Encoder) -> None:
-        self.encode_s = 0.0
-        self.commit_s = 0.0
-        self.device_decode_s = 0.0
+        self.seconds = {"encode": 0.0, "device_decode": 0.0, "commit": 0.0}
         self._encode = encoder.encode_images
         self._commit = bulk._commit_batch
         self._device_decode = bulk._decode_on_device
-        encoder.encode_images = self.encode  # type: ignore[method-assign]
-        bulk._commit_batch = self.commit  # type: ignore[assignment]
-        bulk._decode_on_device = self.device_decode  # type: ignore[assignment]
+        encoder.encode_images = self._timed("encode", self._encode)  # type: ignore[method-assign]
+        bulk._commit_batch = self._timed("commit", self._commit)  # type: ignore[assignment]
+        bulk._decode_on_device = self._timed("device_decode", self._device_decode)  # type: ignore[assignment]
         self.encoder = encoder
 
-    def encode(self, *a: Any, **k: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self._encode(*a, **k)
-        finally:
-            self.encode_s += time.perf_counter() - t0
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
 
-    def device_decode(self, *a: Any, **k: Any) -> Any:
-        # Asynchronous on CUDA: this is the time to queue the work plus the thumbnails' copies
-        # back to the host (which wait for the decode); the rest lands in encode_images.
-        t0 = time.perf_counter()
-        try:
-            return self._device_decode(*a, **k)
-        finally:
-            self.device_decode_s += time.perf_counter() - t0
-
-    def commit(self, *a: Any, **k: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self._commit(*a, **k)
-        finally:
-            self.commit_s += time.perf_counter() - t0
+        return timed
 
     def restore(self) -> None:
         del self.encoder.encode_images
@@ -294,11 +283,11 @@ def main() -> None:
                 "pipeline_img_s": round(rate, 2),
                 "model_only_img_s": round(model_rate, 2),
                 "efficiency": round(rate / model_rate, 3),
-                "main_encode_s": round(timers.encode_s, 2),
-                "main_device_decode_s": round(timers.device_decode_s, 2),
-                "commit_s": round(timers.commit_s, 2),
-                "main_not_encoding_s": round(wall - timers.encode_s, 2),
-                "encode_img_s_in_pipeline": round(report.added / timers.encode_s, 2),
+                "main_encode_s": round(timers.seconds["encode"], 2),
+                "main_device_decode_s": round(timers.seconds["device_decode"], 2),
+                "commit_s": round(timers.seconds["commit"], 2),
+                "main_not_encoding_s": round(wall - timers.seconds["encode"], 2),
+                "encode_img_s_in_pipeline": round(report.added / timers.seconds["encode"], 2),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
