@@ -185,23 +185,23 @@ def batches(
             if len(chunk) > 1:  # ITC needs at least one negative
                 yield chunk
         return
+    share = min(max(twin_share, 0.0), 1.0)
     order = torch.randperm(len(groups), generator=generator).tolist()
-    n_whole = round(min(max(twin_share, 0.0), 1.0) * len(order))
+    n_whole = round(share * len(order))
     whole = [groups[g] for g in order[:n_whole]]
     loose = [i for g in order[n_whole:] for i in groups[g]]
     loose = [loose[p] for p in torch.randperm(len(loose), generator=generator).tolist()]
-    target = batch_size if not loose else max(1, round(twin_share * batch_size))
     w = r = 0
     while w < len(whole) or r < len(loose):
         batch: list[int] = []
-        # Whole groups up to the twin target (or the whole batch once loose rows run out).
-        limit = target if r < len(loose) else batch_size
+        # Whole groups up to the twin share (the whole batch once loose rows run out).
+        limit = max(1, round(share * batch_size)) if r < len(loose) else batch_size
         while w < len(whole) and (not batch or len(batch) + len(whole[w]) <= limit):
             batch.extend(whole[w])
             w += 1
-        take = batch_size - len(batch) if w < len(whole) or r < len(loose) else 0
+        take = batch_size - len(batch)
         batch.extend(loose[r : r + take])
-        r += min(take, len(loose) - r)
+        r = min(r + take, len(loose))
         if len(batch) > 1:
             yield batch
 
