@@ -29,6 +29,9 @@ class Ledger:
     texts: dict[int, str] = field(default_factory=dict)
     deleted_images: set[int] = field(default_factory=set)
     deleted_texts: set[int] = field(default_factory=set)
+    # deletes sent but never answered: the server may have committed them before it died
+    unanswered_deletes: set[int] = field(default_factory=set)
+    missing_on_delete: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     next_seed: int = 1000
 
@@ -62,18 +65,41 @@ def _writer(url: str, ledger: Ledger, stop: threading.Event, worker: int) -> Non
                             ledger.texts[r.json()["items"][0]["id"]] = text
                 else:
                     with ledger.lock:
-                        live = sorted(set(ledger.images) - ledger.deleted_images)
-                    if live:
-                        victim = rng.choice(live)
-                        if client.delete(f"/v1/images/{victim}").status_code == 204:
-                            with ledger.lock:
+                        live = sorted(
+                            set(ledger.images) - ledger.deleted_images - ledger.unanswered_deletes
+                        )
+                        victim = rng.choice(live) if live else None
+                        if victim is not None:
+                            ledger.unanswered_deletes.add(victim)
+                    if victim is not None:
+                        status = client.delete(f"/v1/images/{victim}").status_code
+                        with ledger.lock:
+                            ledger.unanswered_deletes.discard(victim)
+                            if status == 204:
                                 ledger.deleted_images.add(victim)
+                            elif status == 404:
+                                # no other writer deletes an unanswered victim, so the
+                                # server has lost an image it acknowledged
+                                ledger.missing_on_delete.add(victim)
             except httpx.HTTPError:
                 time.sleep(0.05)  # the server is down: the request was not acknowledged
 
 
+def _settle_unanswered_deletes(client: httpx.Client, ledger: Ledger) -> None:
+    """A delete that was never answered may or may not have happened; after the restart the
+    server says which, and from then on it is a known fact to hold the server to."""
+    for image_id in sorted(ledger.unanswered_deletes):
+        status = client.get(f"/v1/images/{image_id}").status_code
+        assert status in (200, 404), (image_id, status)
+        if status == 404:
+            ledger.deleted_images.add(image_id)
+    ledger.unanswered_deletes.clear()
+
+
 def _verify(url: str, ledger: Ledger) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
+        assert not ledger.missing_on_delete, "acknowledged images answered 404 to a delete"
+        _settle_unanswered_deletes(client, ledger)
         info = client.get("/v1/info").json()
         stored: list[dict] = []
         after = 0
