@@ -66,6 +66,10 @@ class DataDirLock:
         fh.flush()
         self._fh = fh
 
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
     def release(self) -> None:
         if self._fh is not None:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
@@ -127,6 +131,7 @@ class Library:
             if lock:
                 # Only the process that owns the data dir may sweep another's uploads.
                 media.clean_temp()
+                _sweep_after_crash(store, media)
             _check_model(store, encoder, reembed=settings.reembed_on_model_change and lock)
             policy = collection_policy(settings)
             common: dict[str, Any] = {
@@ -166,8 +171,25 @@ class Library:
         for collection in (self.images, self.texts):
             collection.wait_for_rebuild()
         self.save()
+        if self.lock.held:
+            self.store.set_meta(CLEAN_SHUTDOWN, "1")
         self.store.close()
         self.lock.release()
+
+
+CLEAN_SHUTDOWN = "clean_shutdown"
+
+
+def _sweep_after_crash(store: MetadataStore, media: MediaStore) -> None:
+    """After a crash, remove media files no row points at. Skipped after a clean shutdown,
+    since walking every file of a large collection at each start costs seconds."""
+    if store.get_meta(CLEAN_SHUTDOWN) == "1" or not any(media.media.iterdir()):
+        store.set_meta(CLEAN_SHUTDOWN, "0")
+        return
+    removed = media.sweep_orphans(store.all_shas("image"))
+    if removed:
+        log.warning("removed %d media files left without a row by an earlier crash", removed)
+    store.set_meta(CLEAN_SHUTDOWN, "0")
 
 
 def _check_model(store: MetadataStore, encoder: Encoder, *, reembed: bool) -> None:

@@ -112,6 +112,23 @@ class MediaStore:
         (self.media / relative).unlink(missing_ok=True)
         self.thumbnail_path(sha256).unlink(missing_ok=True)
 
+    def sweep_orphans(self, referenced: set[str]) -> int:
+        """Remove originals and thumbnails whose SHA-256 is not in `referenced`, and half-written
+        `.part` files. A crash between writing a file and committing its row (or between
+        committing a delete and removing the file) leaves such files; nothing points at them.
+        Call only while no upload can be in flight (at start-up, with the data dir locked)."""
+        removed = 0
+        for folder in (self.media, self.thumbs):
+            for shard in folder.iterdir():
+                if not shard.is_dir():
+                    continue
+                for entry in shard.iterdir():
+                    sha = entry.name.split(".", 1)[0]
+                    if entry.suffix == ".part" or sha not in referenced:
+                        entry.unlink(missing_ok=True)
+                        removed += 1
+        return removed
+
     def clean_temp(self) -> int:
         """Remove leftovers of uploads interrupted by a crash."""
         removed = 0

@@ -96,7 +96,11 @@ def _settle_unanswered_deletes(client: httpx.Client, ledger: Ledger) -> None:
     ledger.unanswered_deletes.clear()
 
 
-def _verify(url: str, ledger: Ledger) -> None:
+def _files_by_sha(folder: Path) -> set[str]:
+    return {entry.name.split(".", 1)[0] for entry in folder.glob("*/*")}
+
+
+def _verify(url: str, ledger: Ledger, data_dir: Path) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
         assert not ledger.missing_on_delete, "acknowledged images answered 404 to a delete"
         _settle_unanswered_deletes(client, ledger)
@@ -128,6 +132,11 @@ def _verify(url: str, ledger: Ledger) -> None:
         for text_id, text in ledger.texts.items():
             r = client.get(f"/v1/texts/{text_id}")
             assert r.status_code == 200 and r.json()["text"] == text, f"text {text_id} lost"
+        # no file without its row either: a crash between writing a file and committing its
+        # row (or between a delete's commit and the file's removal) is swept at start-up
+        stored_shas = {item["sha256"] for item in stored}
+        assert _files_by_sha(data_dir / "media") == stored_shas
+        assert _files_by_sha(data_dir / "thumbs") == stored_shas
         for item in stored:  # every row has its file and its vector
             assert client.get(item["url"]).status_code == 200
             r = client.post("/v1/search/image", data={"image_id": str(item["id"]), "k": "1"})
@@ -143,7 +152,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> Non
     for round_no in range(ROUNDS):
         server.start()
         if round_no:
-            _verify(server.url, ledger)
+            _verify(server.url, ledger, server.data_dir)
         stop = threading.Event()
         writers = [
             threading.Thread(target=_writer, args=(server.url, ledger, stop, w + 10 * round_no))
@@ -158,7 +167,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> Non
             thread.join(30)
     server.start()
     try:
-        _verify(server.url, ledger)
+        _verify(server.url, ledger, server.data_dir)
         assert len(ledger.images) >= 10, "too few acknowledged writes to mean anything"
     finally:
         server.stop()
