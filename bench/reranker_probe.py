@@ -1,7 +1,7 @@
 """Probe what a fusion head can learn from frozen tower features, by kind of near-twin.
 
     python bench/reranker_probe.py --checkpoint CKPT --train CSV --test CSV \
-        [--steps 500] [--image-features final|embed|N] [--position-code 1.0] [--readout gated|pairwise]
+        [--steps 500] [--image-features final|embed|N] [--position-code 1.0] [--readout gated|pairwise|flat]
 
 Both CSVs need the `group` column that `xmodal synth --twins` writes (4 rows per group in the
 order original, colour swap, relation flip, both). The checkpoint's towers are frozen and run
@@ -124,6 +124,7 @@ class Probe(nn.Module):
             if readout == "gated"
             else None
         )
+        self.flat = _FlatLayout(cfg.width, patches) if readout == "flat" else None
         self.pairwise = (
             _PairwiseRelations(cfg.width, patches, compete=readout == "pairwise-compete")
             if readout.startswith("pairwise")
@@ -151,6 +152,31 @@ class Probe(nn.Module):
         if self.pairwise is not None:
             pooled = pooled + self.pairwise(t, mask, v)
         out: torch.Tensor = f.head(pooled).squeeze(-1)
+        if self.flat is not None:
+            out = out + self.flat(pooled, v)
+        return out
+
+
+class _FlatLayout(nn.Module):
+    """An MLP over the pooled text state and the whole patch grid, flattened: position is
+    which input a feature arrives on, so "blue at the top" is one first-layer weight and needs
+    no attention to settle first (bench/fusion_toy.py: this learned relations in 300 steps
+    where attention heads stayed at chance)."""
+
+    def __init__(self, width: int, patches: int, per_patch: int = 16, hidden: int = 256) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, per_patch)
+        self.mlp = nn.Sequential(
+            nn.Linear(width + patches * per_patch, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, pooled: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        grid = self.down(v).flatten(1)  # [B, P * per_patch]
+        out: torch.Tensor = self.mlp(torch.cat([pooled, grid], dim=1)).squeeze(-1)
         return out
 
 
@@ -267,7 +293,9 @@ def main() -> None:
     parser.add_argument("--image-features", default="final", help="final | embed | block N")
     parser.add_argument("--position-code", type=float, default=0.0, help="scale; 0 = off")
     parser.add_argument(
-        "--readout", choices=["mean", "gated", "pairwise", "pairwise-compete"], default="mean"
+        "--readout",
+        choices=["mean", "gated", "pairwise", "pairwise-compete", "flat"],
+        default="mean",
     )
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
