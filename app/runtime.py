@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -172,7 +173,7 @@ class Library:
             collection.wait_for_rebuild()
         self.save()
         if self.lock.held:
-            self.store.set_meta(CLEAN_SHUTDOWN, "1")
+            _mark_clean_shutdown(self.store, True)
         self.store.close()
         self.lock.release()
 
@@ -180,16 +181,22 @@ class Library:
 CLEAN_SHUTDOWN = "clean_shutdown"
 
 
+def _mark_clean_shutdown(store: MetadataStore, clean: bool) -> None:
+    # Only a hint for the next start: a full disk must not stop a start or a close over it.
+    try:
+        store.set_meta(CLEAN_SHUTDOWN, "1" if clean else "0")
+    except sqlite3.Error as exc:
+        log.warning("could not record the shutdown state (%s); the next start sweeps media", exc)
+
+
 def _sweep_after_crash(store: MetadataStore, media: MediaStore) -> None:
     """After a crash, remove media files no row points at. Skipped after a clean shutdown,
     since walking every file of a large collection at each start costs seconds."""
-    if store.get_meta(CLEAN_SHUTDOWN) == "1" or not any(media.media.iterdir()):
-        store.set_meta(CLEAN_SHUTDOWN, "0")
-        return
-    removed = media.sweep_orphans(store.all_shas("image"))
-    if removed:
-        log.warning("removed %d media files left without a row by an earlier crash", removed)
-    store.set_meta(CLEAN_SHUTDOWN, "0")
+    if store.get_meta(CLEAN_SHUTDOWN) != "1" and any(media.media.iterdir()):
+        removed = media.sweep_orphans(store.all_shas("image"))
+        if removed:
+            log.warning("removed %d media files left without a row by an earlier crash", removed)
+    _mark_clean_shutdown(store, False)
 
 
 def _check_model(store: MetadataStore, encoder: Encoder, *, reembed: bool) -> None:
