@@ -16,12 +16,18 @@ from typing import Any
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
+    group = parser.add_argument_group("model (unset: the XMODAL_MODEL__* settings)")
     group.add_argument("--model", help="open_clip architecture, or xmodal-tiny")
     group.add_argument("--pretrained", help="pretrained tag, local weights file, or none")
     group.add_argument("--checkpoint", type=Path, help="checkpoint written by `xmodal train`")
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    group.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-text", "fp16"])
+    group.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one"
+    )
+    group.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "bf16-text", "fp16"],
+        help="auto: fp16 on CUDA; on a CPU with bf16, the text tower in bf16",
+    )
     group.add_argument("--cache-dir", type=Path, help="where downloaded weights are kept")
 
 
@@ -215,67 +221,101 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Shows an option's default when it has a real one (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False
+        if action.option_strings and shown and action.default != argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--data-dir", type=Path)
+    serve = sub.add_parser("serve", help="run the HTTP server", formatter_class=_HelpWithDefaults)
+    serve.add_argument("--host", help="address to listen on (else XMODAL_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (else XMODAL_PORT)")
+    serve.add_argument("--data-dir", type=Path, help="where SQLite, media and indexes live")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
     serve.add_argument("--reembed", action="store_true", help="re-embed on a model change")
     _add_model_options(serve)
     serve.set_defaults(func=cmd_serve)
 
-    index = sub.add_parser("index", help="index folders of images or a dataset CSV")
-    index.add_argument("paths", nargs="+")
-    index.add_argument("--data-dir", type=Path)
+    index = sub.add_parser(
+        "index", help="index folders of images or a dataset CSV", formatter_class=_HelpWithDefaults
+    )
+    index.add_argument("paths", nargs="+", help="image files, folders (recursive) or a CSV")
+    index.add_argument("--data-dir", type=Path, help="data dir to write (else XMODAL_DATA_DIR)")
     index.add_argument("--url", help="upload to a running server instead of a data dir")
-    index.add_argument("--api-key")
-    index.add_argument("--batch-size", type=int, default=32)
-    index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    index.add_argument("--api-key", help="the server's API key, with --url")
+    index.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    index.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="decoding processes beside the model",
+    )
     index.add_argument("--metadata", help="JSON object stored with every image")
-    index.add_argument("--quiet", action="store_true")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(index)
     index.set_defaults(func=cmd_index)
 
-    search = sub.add_parser("search", help="text-to-image search")
-    search.add_argument("query")
-    search.add_argument("--k", type=int, default=10)
-    search.add_argument("--data-dir", type=Path)
-    search.add_argument("--url")
-    search.add_argument("--api-key")
-    search.add_argument("--json", action="store_true")
+    search = sub.add_parser(
+        "search", help="text-to-image search", formatter_class=_HelpWithDefaults
+    )
+    search.add_argument("query", help="the text to search images with")
+    search.add_argument("--k", type=int, default=10, help="results to return")
+    search.add_argument("--data-dir", type=Path, help="data dir to read (else XMODAL_DATA_DIR)")
+    search.add_argument("--url", help="ask a running server instead of a data dir")
+    search.add_argument("--api-key", help="the server's API key, with --url")
+    search.add_argument("--json", action="store_true", help="print JSON instead of lines")
     _add_model_options(search)
     search.set_defaults(func=cmd_search)
 
-    train = sub.add_parser("train", help="train the towers and the fusion re-ranker")
-    train.add_argument("--data", type=Path, required=True)
-    train.add_argument("--out", type=Path, required=True)
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--freeze-towers", action="store_true")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--fusion-layers", type=int, default=2)
-    train.add_argument("--workers", type=int, default=2)
-    train.add_argument("--max-minutes", type=float)
+    train = sub.add_parser(
+        "train", help="train the towers and the fusion re-ranker", formatter_class=_HelpWithDefaults
+    )
+    train.add_argument("--data", type=Path, required=True, help="CSV with filepath,caption")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    train.add_argument("--epochs", type=int, default=10, help="passes over the CSV")
+    train.add_argument("--batch-size", type=int, default=128, help="pairs per step")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    train.add_argument(
+        "--freeze-towers", action="store_true", help="train only the fusion re-ranker"
+    )
+    train.add_argument("--seed", type=int, default=0, help="same seed, same checkpoint")
+    train.add_argument("--fusion-layers", type=int, default=2, help="cross-attention layers")
+    train.add_argument("--workers", type=int, default=2, help="image-loading processes")
+    train.add_argument(
+        "--max-minutes", type=float, help="stop (and save) after this long; none: no limit"
+    )
     _add_model_options(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="Recall@1/5/10, with and without re-ranking")
-    evaluate.add_argument("--data", type=Path, required=True)
-    evaluate.add_argument("--rerank-k", type=int, default=16)
-    evaluate.add_argument("--json", action="store_true")
+    evaluate = sub.add_parser(
+        "eval", help="Recall@1/5/10, with and without re-ranking", formatter_class=_HelpWithDefaults
+    )
+    evaluate.add_argument("--data", type=Path, required=True, help="CSV with filepath,caption")
+    evaluate.add_argument(
+        "--rerank-k", type=int, default=16, help="candidates the fusion head re-ranks"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_model_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    synth = sub.add_parser("synth", help="write a synthetic shapes dataset (CSV + PNGs)")
-    synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--n", type=int, default=1000)
-    synth.add_argument("--seed", type=int, default=0)
+    synth = sub.add_parser(
+        "synth",
+        help="write a synthetic shapes dataset (CSV + PNGs)",
+        formatter_class=_HelpWithDefaults,
+    )
+    synth.add_argument("--out", type=Path, required=True, help="folder to write")
+    synth.add_argument("--n", type=int, default=1000, help="image-caption pairs")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, same files")
     synth.add_argument("--twins", action="store_true", help="near-twin groups (held-out split)")
     synth.set_defaults(func=cmd_synth)
     return parser
