@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.cli import main
 from tests.conftest import image_bytes
 
@@ -79,3 +81,16 @@ def test_serve_refuses_missing_weights_quickly(tmp_path: Path) -> None:
                   "--pretrained", "laion2b_s34b_b79k", "--port", "0")  # fmt: skip
     assert result.returncode == 2
     assert "--pretrained /path" in result.stderr and "HF_HOME" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "index", "search", "train", "eval", "synth"])
+def test_help_shows_real_defaults_only(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    flat = " ".join(text.split())
+    if command == "train":
+        assert "--epochs EPOCHS passes over the CSV (default: 10)" in flat
+        assert "--seed SEED same seed, same checkpoint (default: 0)" in flat
