@@ -148,10 +148,7 @@ class MomentsToy(FusionToy):
         mask = torch.ones(words.shape, dtype=torch.bool)
         t = f.text_in(self.captions(words))
         v = f.image_in(patches)
-        pad = f.padding_mask(mask, t.dtype)
-        for self_block, cross_block in zip(f.self_blocks, f.cross_blocks, strict=True):
-            t = cross_block(self_block(t, attn_mask=pad), k_x=v, v_x=v)
-        t = f.ln_final(t)
+        t = f.fuse(t, v, f.padding_mask(mask, t.dtype))
         logit = f.head(t.mean(dim=1)).squeeze(-1)
         moments = (self.content(patches) * self.where(self.code)).mean(dim=1)  # [B, W]
         extra = (self.reader(t) * moments[:, None, :]).sum(-1).mean(1) / WIDTH**0.5

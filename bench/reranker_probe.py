@@ -142,13 +142,10 @@ class Probe(nn.Module):
     def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         f = self.fusion
         t, v, pad = self.inputs(text, mask, image)
-        for self_block, cross_block in zip(f.self_blocks, f.cross_blocks, strict=True):
-            t = cross_block(self_block(t, attn_mask=pad), k_x=v, v_x=v)
-        t = f.ln_final(t)
+        t = f.fuse(t, v, pad)
         if self.gate is not None:
             t = t + self.gate[0](t) * self.gate[1](t)
-        weights = mask.to(t.dtype)[..., None]
-        pooled = (t * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        pooled = f.masked_mean(t, mask)
         if self.pairwise is not None:
             pooled = pooled + self.pairwise(t, mask, v)
         out: torch.Tensor = f.head(pooled).squeeze(-1)

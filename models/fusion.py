@@ -70,6 +70,21 @@ class FusionReranker(nn.Module):
         pad = pad.masked_fill(~text_mask[:, None, :], float("-inf"))
         return pad.expand(batch, length, length).repeat_interleave(self.cfg.heads, dim=0)
 
+    def fuse(self, t: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Projected text tokens t [B, L, W] read the projected patches v [B, P, W] through the
+        (self-attention, cross-attention) layers; pad from `padding_mask`. -> [B, L, W], normed."""
+        for self_block, cross_block in zip(self.self_blocks, self.cross_blocks, strict=True):
+            t = self_block(t, attn_mask=pad)
+            t = cross_block(t, k_x=v, v_x=v)
+        out: torch.Tensor = self.ln_final(t)
+        return out
+
+    @staticmethod
+    def masked_mean(t: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the real tokens: [B, L, W], [B, L] -> [B, W]."""
+        weights = text_mask.to(t.dtype)[..., None]
+        return (t * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
     def forward(
         self,
         text_tokens: torch.Tensor,
@@ -83,14 +98,8 @@ class FusionReranker(nn.Module):
         dtype = self.text_in.weight.dtype
         t = self.text_in(text_tokens.to(dtype))  # [B, L, W]
         v = self.image_in(image_tokens.to(dtype))  # [B, P, W]
-        pad = self.padding_mask(text_mask, t.dtype)
-        for self_block, cross_block in zip(self.self_blocks, self.cross_blocks, strict=True):
-            t = self_block(t, attn_mask=pad)
-            t = cross_block(t, k_x=v, v_x=v)
-        t = self.ln_final(t)
-        weights = text_mask.to(t.dtype)[..., None]  # [B, L, 1]
-        pooled = (t * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # [B, W]
-        logits: torch.Tensor = self.head(pooled).squeeze(-1)  # [B]
+        t = self.fuse(t, v, self.padding_mask(text_mask, t.dtype))
+        logits: torch.Tensor = self.head(self.masked_mean(t, text_mask)).squeeze(-1)  # [B]
         if similarity is not None:
             # In float32 even for a bf16 head: twins' cosines differ in the third decimal.
             logits = logits.float() + self.dual_weight.float() * similarity.float()
