@@ -41,6 +41,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
+
+# Run as a script, this file's folder is on sys.path, so the probe's code is importable.
+from reranker_probe import sincos_2d
 from torch import nn
 
 from models.fusion import FusionConfig, FusionReranker
@@ -90,16 +93,7 @@ def sample(task: str, n: int, gen: torch.Generator) -> Batch:
 
 def position_code() -> torch.Tensor:
     """[P, CODE]: sin/cos of x and y at 4 frequencies each."""
-    ys, xs = torch.meshgrid(
-        torch.arange(float(SIDE)), torch.arange(float(SIDE)), indexing="ij"
-    )  # fmt: skip
-    freq = 1.0 / (10 ** (torch.arange(CODE // 4).float() / (CODE // 4)))
-
-    def code(coord: torch.Tensor) -> torch.Tensor:
-        angle = coord.reshape(-1, 1) * freq
-        return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-    return torch.cat([code(xs), code(ys)], dim=1)
+    return sincos_2d(PATCHES, CODE, base=10.0)
 
 
 class Captions(nn.Module):

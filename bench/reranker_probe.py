@@ -97,12 +97,13 @@ def extract(encoder: Encoder, csv_path: Path, image_features: str) -> Features:
     )
 
 
-def sincos_2d(patches: int, width: int) -> torch.Tensor:
-    """[patches, width] fixed code of each patch's (x, y) on a square grid."""
+def sincos_2d(patches: int, width: int, base: float = 100.0) -> torch.Tensor:
+    """[patches, width] fixed code of each patch's (x, y) on a square grid: sin and cos of
+    each coordinate at width/4 frequencies, from 1 down towards 1/base."""
     side = round(patches**0.5)
     ys, xs = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
     quarter = width // 4
-    freq = 1.0 / (100 ** (torch.arange(quarter).float() / quarter))
+    freq = 1.0 / (base ** (torch.arange(quarter).float() / quarter))
 
     def code(coord: torch.Tensor) -> torch.Tensor:
         angle = coord.reshape(-1, 1) * freq[None]
