@@ -180,31 +180,38 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from models.training import train_main
+# TrainConfig fields that `xmodal train` exposes as options (flag -> field, help).
+_TRAIN_OPTIONS: dict[str, str] = {
+    "epochs": "passes over the CSV",
+    "batch_size": "pairs per step",
+    "lr": "peak learning rate (AdamW)",
+    "seed": "same seed, same checkpoint",
+    "fusion_layers": "cross-attention layers",
+    "workers": "image-loading threads",
+    "max_minutes": "stop (and save) after this long; none: no limit",
+}
 
-    out = train_main(
-        args.data,
-        args.out,
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.training.loop import TrainConfig, train
+
+    given = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
         model=args.model or "xmodal-tiny",
         pretrained=args.pretrained or "none",
         checkpoint=args.checkpoint,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
         freeze_towers=args.freeze_towers,
-        seed=args.seed,
         device=args.device or "auto",
-        fusion_layers=args.fusion_layers,
-        workers=args.workers,
-        max_minutes=args.max_minutes,
+        **{k: v for k, v in given.items() if v is not None},
     )
-    print(f"wrote {out}")
+    print(f"wrote {train(config)}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from models.evaluation import eval_main, format_table
+    from models.training.evaluation import eval_main, format_table
 
     if args.checkpoint is None and args.model is None:
         print("xmodal eval: give --checkpoint CKPT or --model M --pretrained P", file=sys.stderr)
@@ -215,10 +222,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from models.synthetic import synth_main
+    from models.training.synthetic import synth_main
 
     print(synth_main(args.out, args.n, args.seed, args.twins))
     return 0
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per `_TRAIN_OPTIONS` entry, default None: a flag left out keeps TrainConfig's
+    own default, which `_TrainHelp` shows (so the defaults live in one place)."""
+    for name, text in _TRAIN_OPTIONS.items():
+        kind = float if name in ("lr", "max_minutes") else int
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -229,6 +244,21 @@ class _HelpWithDefaults(argparse.HelpFormatter):
         shown = action.default is not None and action.default is not False
         if action.option_strings and shown and action.default != argparse.SUPPRESS:
             text += " (default: %(default)s)"
+        return text
+
+
+class _TrainHelp(_HelpWithDefaults):
+    """Shows TrainConfig's defaults; imports the training package only when help is printed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action) or ""
+        if action.dest in _TRAIN_OPTIONS:
+            import dataclasses
+
+            from models.training.loop import TrainConfig
+
+            default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}[action.dest]
+            text += f" (default: {'none' if default is None else default})"
         return text
 
 
@@ -278,22 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     train = sub.add_parser(
-        "train", help="train the towers and the fusion re-ranker", formatter_class=_HelpWithDefaults
+        "train", help="train the towers and the fusion re-ranker", formatter_class=_TrainHelp
     )
     train.add_argument("--data", type=Path, required=True, help="CSV with filepath,caption")
     train.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
-    train.add_argument("--epochs", type=int, default=10, help="passes over the CSV")
-    train.add_argument("--batch-size", type=int, default=128, help="pairs per step")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     train.add_argument(
         "--freeze-towers", action="store_true", help="train only the fusion re-ranker"
     )
-    train.add_argument("--seed", type=int, default=0, help="same seed, same checkpoint")
-    train.add_argument("--fusion-layers", type=int, default=2, help="cross-attention layers")
-    train.add_argument("--workers", type=int, default=2, help="image-loading processes")
-    train.add_argument(
-        "--max-minutes", type=float, help="stop (and save) after this long; none: no limit"
-    )
+    _add_train_options(train)
     _add_model_options(train)
     train.set_defaults(func=cmd_train)
 

@@ -48,7 +48,7 @@ from app.config import Settings
 from app.runtime import Library, encoder_spec
 from models.encoder import Encoder
 from models.factory import load_encoder
-from models.tensor_preprocess import decode_jpegs, model_input, thumbnail_jpeg
+from models.inputs.device_decode import decode_jpegs, model_input, thumbnail_jpeg
 
 DEFAULT_PRECISIONS = {"cpu": "fp32,bf16", "cuda": "fp32,fp16"}
 GPU_DECODE = {"auto": None, "on": True, "off": False}

@@ -36,8 +36,8 @@ from app.services.library import text_sha256
 from index.media import file_sha256
 from index.store import NewItem
 from models.encoder import Encoder
-from models.imaging import ImageError, decode_image, make_thumbnail, probe_image
-from models.tensor_preprocess import (
+from models.inputs.decode import ImageError, decode_image, make_thumbnail, probe_image
+from models.inputs.device_decode import (
     OPENAI_MEAN,
     OPENAI_STD,
     decode_jpegs,
@@ -186,7 +186,7 @@ def _decode_on_cpu(
 
 
 def _device_decode_supported(encoder: Encoder) -> str | None:
-    """Why `models.tensor_preprocess` cannot reproduce this model's preprocessing, or None."""
+    """Why `models.inputs.device_decode` cannot reproduce this model's preprocessing, or None."""
     cfg = encoder.preprocess_cfg
     if cfg.get("resize_mode", "shortest") != "shortest":
         return f"resize_mode {cfg.get('resize_mode')!r}"

@@ -34,7 +34,13 @@ from app.metrics import ITEMS_ADDED
 from app.runtime import Library, Runtime
 from index.media import file_sha256
 from index.store import Kind, NewItem, StoredItem
-from models.imaging import CorruptImage, ImageTooLarge, NotAnImage, decode_image, make_thumbnail
+from models.inputs.decode import (
+    CorruptImage,
+    ImageTooLarge,
+    NotAnImage,
+    decode_image,
+    make_thumbnail,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from app.services.model_calls import RerankJob
 from index.filters import FilterError
 from index.manager import IndexedCollection, SearchHit
 from index.store import Kind, StoredItem
-from models.imaging import decode_image
+from models.inputs.decode import decode_image
 
 
 @dataclass

@@ -39,7 +39,7 @@ def test_stored_names_are_content_addresses(client, tmp_path: Path) -> None:  # 
 
 
 def test_exif_rotated_upload_is_stored_upright(client) -> None:  # type: ignore[no-untyped-def]
-    from tests.models.test_imaging import _jpeg_with_orientation
+    from tests.models.test_decode import _jpeg_with_orientation
 
     item = upload(client, _jpeg_with_orientation(6), "rotated.jpg").json()["items"][0]
     assert (item["width"], item["height"]) == (20, 40)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.imaging import CorruptImage, ImageTooLarge, NotAnImage, decode_image
+from models.inputs.decode import CorruptImage, ImageTooLarge, NotAnImage, decode_image
 
 
 def _jpeg_with_orientation(orientation: int) -> bytes:

@@ -2,7 +2,7 @@
 
 Losses: ITC on the pooled embeddings (learned temperature), ITM (BCE on the fusion logit) on
 negatives mined from the in-batch similarities in both directions, and, when the data names
-near-twin groups (a `group` column, as `models.synthetic` writes), batches built from whole
+near-twin groups (a `group` column, as `models.training.synthetic` writes), batches built from whole
 groups so the in-batch negatives *are* the twins, with every within-group pair scored by the
 fusion head and a softmax over each group's candidates (see docs/reranker.md for why).
 
@@ -34,14 +34,14 @@ from models.checkpoint import save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
 from models.fusion import FusionConfig, FusionReranker
-from models.losses import (
+from models.text_tower import text_forward
+from models.training.losses import (
     caption_positives,
     group_listwise_loss,
     itc_loss,
     itm_loss,
     mine_hard_negatives,
 )
-from models.text_tower import text_forward
 
 log = logging.getLogger(__name__)
 
@@ -489,44 +489,3 @@ def _step_losses(
             total = total + cfg.listwise_weight * out["list"]
     out["loss"] = total
     return out
-
-
-def train_main(
-    data: Path,
-    out: Path,
-    *,
-    model: str = "xmodal-tiny",
-    pretrained: str = "none",
-    checkpoint: Path | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    freeze_towers: bool = False,
-    seed: int = 0,
-    device: str = "auto",
-    fusion_layers: int = 2,
-    workers: int = 2,
-    max_minutes: float | None = None,
-    **recipe: Any,
-) -> Path:
-    """`xmodal train --data CSV --out CKPT [...]`: train and return the checkpoint path.
-    `recipe` takes any other `TrainConfig` field (e.g. hard_negatives=False)."""
-    return train(
-        TrainConfig(
-            data=Path(data),
-            out=Path(out),
-            model=model,
-            pretrained=pretrained,
-            checkpoint=Path(checkpoint) if checkpoint else None,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            freeze_towers=freeze_towers,
-            seed=seed,
-            device=device,
-            fusion_layers=fusion_layers,
-            workers=workers,
-            max_minutes=max_minutes,
-            **recipe,
-        )
-    )

@@ -1,6 +1,6 @@
 """Preprocessing on tensors, for decoding and resizing JPEGs on the GPU (nvJPEG).
 
-The PIL path (`models/imaging.py` + open_clip's transform) is the reference; this path mirrors
+The PIL path (`models/inputs/decode.py` + open_clip's transform) is the reference; this path mirrors
 it on uint8 CHW tensors: resize the short side with antialiased bicubic, centre crop, scale to
 [0, 1], normalise. Results stay within a small tolerance of the PIL path (measured in tests and
 bench/index_build.py), not bit-equal: the two resamplers round differently.

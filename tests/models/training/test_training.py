@@ -14,8 +14,8 @@ from PIL import Image
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
-from models.synthetic import write_dataset
-from models.training import TrainConfig, batches, train
+from models.training.loop import TrainConfig, batches, train
+from models.training.synthetic import write_dataset
 
 pytestmark = pytest.mark.slow
 

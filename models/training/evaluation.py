@@ -23,7 +23,7 @@ from PIL import Image
 from models.encoder import Encoder, ImageTokens
 from models.factory import EncoderSpec, load_encoder
 from models.text_tower import TextOutput
-from models.training import read_rows
+from models.training.loop import read_rows
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from models.encoder import ImageTokens
-from models.evaluation import evaluate, format_table, rank, recall_at_k, rerank
 from models.text_tower import TextOutput
+from models.training.evaluation import evaluate, format_table, rank, recall_at_k, rerank
 
 
 class HandEncoder:

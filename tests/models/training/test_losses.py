@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from models.losses import caption_positives, group_listwise_loss, itc_loss, mine_hard_negatives
+from models.training.losses import (
+    caption_positives,
+    group_listwise_loss,
+    itc_loss,
+    mine_hard_negatives,
+)
 
 
 def test_itc_prefers_aligned_pairs_and_counts_duplicates() -> None:

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.synthetic import COLOURS, RELATIONS, make_scenes, render, synth_main, write_dataset
+from models.training.synthetic import (
+    COLOURS,
+    RELATIONS,
+    make_scenes,
+    render,
+    synth_main,
+    write_dataset,
+)
 
 
 def _read(csv_path: Path) -> list[dict[str, str]]:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from models.encoder import Encoder
-from models.imaging import decode_image
-from models.tensor_preprocess import decode_jpegs, model_input, thumbnail_jpeg
+from models.inputs.decode import decode_image
+from models.inputs.device_decode import decode_jpegs, model_input, thumbnail_jpeg
 from tests.conftest import image_bytes
 
 
