@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xmodal-installed
-# torch/torchvision pinned to the builds this machine carries on disk (see README: Set-up).
+# torch/torchvision pinned to the builds this machine carries on disk (see README: The two commands).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 HOST ?= 127.0.0.1
 PORT ?= 8000

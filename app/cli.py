@@ -113,7 +113,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"uploaded {count} files to {args.url}")
         return 0
 
-    from app.runtime import Library
+    from app.library import Library
     from app.services.bulk import index_paths
     from models.factory import load_encoder
 
@@ -150,7 +150,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             hits = client.search_text(args.query, k=args.k)
         results = [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]
     else:
-        from app.runtime import Library
+        from app.library import Library
         from models.factory import load_encoder
 
         settings = _settings(args)
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from app.errors import XmodalError
-        from app.runtime import DataDirLocked
+        from app.library import DataDirLocked
         from index.store import StoreVersionError
         from models.checkpoint import CheckpointError
 

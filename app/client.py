@@ -24,8 +24,8 @@ import httpx
 from app.paths import images_under
 
 
-class XmodalError(Exception):
-    """An error answer from the server: its status, code and message."""
+class APIError(Exception):
+    """An error answer from an xmodal server, as the client sees it: status, code and message."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
@@ -83,7 +83,7 @@ def _raise_for(response: httpx.Response) -> None:
         code, message = str(err["code"]), str(err["message"])
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", response.text[:500]
-    raise XmodalError(response.status_code, code, message)
+    raise APIError(response.status_code, code, message)
 
 
 def _retry_delay(response: httpx.Response, attempt: int) -> float:

@@ -1,4 +1,5 @@
-"""Dependencies shared by the routes: the runtime, settings and the API key check."""
+"""Dependencies shared by the routes: the backend (resolved once per request), the runtime,
+settings and the API key check."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import Depends, Request
 
 from app.config import Settings
 from app.errors import Unauthorized
-from app.runtime import Runtime
+from app.runtime import Backend, Runtime
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -24,6 +25,14 @@ def get_settings(request: Request) -> Settings:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_backend(runtime: RuntimeDep) -> Backend:
+    """503 `not_ready` until the service is ready; afterwards the same complete backend."""
+    return runtime.require()
+
+
+BackendDep = Annotated[Backend, Depends(get_backend)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

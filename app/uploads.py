@@ -8,7 +8,7 @@ from fastapi import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import TooLarge, storage_error
-from app.services.library import UploadSource
+from app.services.items import UploadSource
 from index.media import MediaStore
 
 

@@ -7,7 +7,7 @@
 Generates `--n` photo-like 1920x1080 JPEGs (smooth gradients + noise; cached under the temp dir),
 then for each precision (CPU: fp32, bf16; CUDA: fp32, fp16 autocast), DataLoader worker count
 (1, 2) and `--gpu-decode` setting indexes them into a fresh data dir with
-`app.services.bulk.index_paths` (through `app.runtime.Library.open`, ViT-B-32 with random
+`app.services.bulk.index_paths` (through `app.library.Library.open`, ViT-B-32 with random
 weights). Right before each pipeline run, the same encoder's `encode_images` is timed on
 preprocessed tensors at the same batch size, already on the device: efficiency = pipeline
 images/s / model-only images/s (target >= 0.8).
@@ -45,7 +45,8 @@ from PIL import Image
 
 import app.services.bulk as bulk
 from app.config import Settings
-from app.runtime import Library, encoder_spec
+from app.library import Library
+from app.runtime import encoder_spec
 from models.encoder import Encoder
 from models.factory import load_encoder
 from models.inputs.device_decode import decode_jpegs, model_input, thumbnail_jpeg

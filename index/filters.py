@@ -4,7 +4,7 @@ A filter is a JSON object of conditions that must all hold:
     {"album": "paris"}                     equality
     {"year": {"$gte": 2019, "$lt": 2024}}  ranges: $gt $gte $lt $lte
     {"tag": {"$in": ["cat", "dog"]}}       membership; $ne and $exists too
-Values are strings, numbers or booleans. Keys are plain names (letters, digits, _ . -).
+Values are strings, numbers or booleans. Keys are plain names (letters, digits, _ and -; no dots, so a key never reaches into nested JSON).
 """
 
 from __future__ import annotations

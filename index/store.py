@@ -12,7 +12,6 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +115,23 @@ def _row_to_item(row: sqlite3.Row) -> StoredItem:
     )
 
 
+def _stored(item_id: int, item: NewItem, created: float) -> StoredItem:
+    return StoredItem(
+        id=item_id,
+        kind=item.kind,
+        sha256=item.sha256,
+        metadata=item.metadata,
+        created=created,
+        text=item.text,
+        media_path=item.media_path,
+        mime=item.mime,
+        width=item.width,
+        height=item.height,
+        bytes=item.bytes,
+        filename=item.filename,
+    )
+
+
 class MetadataStore:
     """Thread-safe access to the SQLite file; one connection guarded by a lock."""
 
@@ -160,21 +176,21 @@ class MetadataStore:
             )
 
     # -- writes ----------------------------------------------------------------------------
-    def add_items(self, items: list[NewItem]) -> list[tuple[int, bool]]:
-        """Insert items in one transaction. Returns (id, created) per item, in order;
-        an item whose (kind, sha256) is already stored returns the existing id."""
-        results: list[tuple[int, bool]] = []
+    def add_items(self, items: list[NewItem]) -> list[tuple[StoredItem, bool]]:
+        """Insert items in one transaction. Returns (stored item, created) per item, in order;
+        an item whose (kind, sha256) is already stored returns the existing row."""
+        results: list[tuple[StoredItem, bool]] = []
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for item in items:
                     row = self._db.execute(
-                        "SELECT id FROM items WHERE kind = ? AND sha256 = ?",
+                        f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND sha256 = ?",
                         (item.kind, item.sha256),
                     ).fetchone()
                     if row is not None:
-                        results.append((int(row["id"]), False))
+                        results.append((_row_to_item(row), False))
                         continue
                     vector = np.ascontiguousarray(item.embedding, dtype=np.float32)
                     cur = self._db.execute(
@@ -201,7 +217,7 @@ class MetadataStore:
                         "INSERT INTO changes (item_id, kind, op) VALUES (?, ?, 'add')",
                         (item_id, item.kind),
                     )
-                    results.append((item_id, True))
+                    results.append((_stored(item_id, item, now), True))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -269,13 +285,19 @@ class MetadataStore:
                     out[int(row["id"])] = _row_to_item(row)
         return out
 
-    def find_sha(self, kind: Kind, sha256: str) -> StoredItem | None:
+    def known_shas(self, kind: Kind, shas: list[str]) -> set[str]:
+        """Which of `shas` are stored: one indexed query per 500."""
+        out: set[str] = set()
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND sha256 = ?",
-                (kind, sha256),
-            ).fetchone()
-        return None if row is None else _row_to_item(row)
+            for start in range(0, len(shas), 500):
+                chunk = shas[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                    f"SELECT sha256 FROM items WHERE kind = ? AND sha256 IN ({marks})",
+                    (kind, *chunk),
+                ):
+                    out.add(str(row["sha256"]))
+        return out
 
     def embedding(self, kind: Kind, item_id: int) -> np.ndarray | None:
         with self._lock:
@@ -302,24 +324,6 @@ class MetadataStore:
             rows = self._db.execute("SELECT sha256 FROM items WHERE kind = ?", (kind,)).fetchall()
         return {str(r["sha256"]) for r in rows}
 
-    def iter_embeddings(
-        self, kind: Kind, *, batch: int = 10_000
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (ids int64, vectors float32) in id order, `batch` rows at a time."""
-        after = 0
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT id, embedding FROM items WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
-                    (kind, after, batch),
-                ).fetchall()
-            if not rows:
-                return
-            ids = np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows])
-            yield ids, vectors
-            after = int(ids[-1])
-
     def filter_ids(self, kind: Kind, filter_: dict[str, Any] | None) -> np.ndarray:
         where, params = compile_filter(filter_)
         with self._lock:
@@ -329,11 +333,6 @@ class MetadataStore:
         return np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
 
     # -- change log ------------------------------------------------------------------------
-    def last_seq(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COALESCE(MAX(seq), 0) AS s FROM changes").fetchone()
-        return int(row["s"])
-
     def snapshot_seq(self, kind: Kind) -> int:
         with self._lock:
             row = self._db.execute(

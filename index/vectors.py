@@ -31,7 +31,7 @@ _FILE_VERSION = 1
 SMALL_FILTER = 4096
 
 # faiss 1.15 only uses BLAS for batches above this threshold; small query batches then take a
-# much slower path (FACTS.md: 64 queries at 1M vectors, 2.7 s -> 0.36 s with 20).
+# much slower path (measured: 64 queries at 1M vectors, 2.7 s -> 0.36 s with 20).
 faiss.cvar.distance_compute_blas_threshold = 20
 
 
@@ -78,7 +78,7 @@ def _new_faiss_index(dim: int, params: IndexParams, n_hint: int) -> Any:
         hnsw.hnsw.efSearch = params.hnsw_ef_search
         return faiss.IndexIDMap2(hnsw)
     # IVF-PQ keeps ~pq_m bytes per vector in memory. PQ scores alone plateau near 0.4
-    # recall@10 on 512-d embeddings (FACTS.md), so `search` re-scores the top candidates with
+    # recall@10 on 512-d clustered embeddings (bench/ann.py), so `search` re-scores the top candidates with
     # exact vectors fetched from the store (on disk) through `exact_vectors`.
     # ~sqrt(n) lists, capped; FAISS wants >= 39 training points per list.
     nlist = params.ivf_nlist

@@ -59,14 +59,6 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         raise
 
 
-def is_checkpoint(path: Path) -> bool:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return False
-    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
-
-
 def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():

@@ -9,9 +9,9 @@ from anyio import to_thread
 from fastapi import UploadFile
 
 from app.errors import InvalidField, TooLarge
-from app.runtime import Runtime
+from app.runtime import Backend
 from app.schemas import ErrorBody
-from app.services.library import UploadSource
+from app.services.items import UploadSource
 from app.uploads import spool_upload
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -33,8 +33,8 @@ def parse_filter(raw: str | None) -> dict[str, Any] | None:
     return value
 
 
-async def spool_all(runtime: Runtime, files: list[UploadFile]) -> list[UploadSource]:
-    library = runtime.require()
+async def spool_all(backend: Backend, files: list[UploadFile]) -> list[UploadSource]:
+    library = backend.library
     limits = library.settings.limits
     if len(files) > limits.max_files_per_request:
         raise TooLarge(f"at most {limits.max_files_per_request} files per request")

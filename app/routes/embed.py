@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from app.deps import RuntimeDep
+from app.deps import BackendDep
 from app.routes.common import ERROR_RESPONSES, spool_all
 from app.schemas import Classification, Embeddings, EmbedTextsIn, LabelScore
 from app.services import search as search_service
@@ -15,29 +15,29 @@ router = APIRouter(tags=["embed"], responses=ERROR_RESPONSES)
 
 
 @router.post("/embed/text", response_model=Embeddings)
-async def embed_text(runtime: RuntimeDep, body: EmbedTextsIn) -> Embeddings:
-    vectors = await search_service.embed_texts(runtime, body.texts)
-    encoder = runtime.require().encoder
+async def embed_text(backend: BackendDep, body: EmbedTextsIn) -> Embeddings:
+    vectors = await search_service.embed_texts(backend, body.texts)
+    encoder = backend.encoder
     return Embeddings(model=encoder.name, dim=encoder.dim, embeddings=[v.tolist() for v in vectors])
 
 
 @router.post("/embed/image", response_model=Embeddings)
 async def embed_image(
-    runtime: RuntimeDep, files: Annotated[list[UploadFile], File()]
+    backend: BackendDep, files: Annotated[list[UploadFile], File()]
 ) -> Embeddings:
-    sources = await spool_all(runtime, files)
-    vectors = await search_service.embed_images(runtime, sources)
-    encoder = runtime.require().encoder
+    sources = await spool_all(backend, files)
+    vectors = await search_service.embed_images(backend, sources)
+    encoder = backend.encoder
     return Embeddings(model=encoder.name, dim=encoder.dim, embeddings=[v.tolist() for v in vectors])
 
 
 @router.post("/classify", response_model=Classification)
 async def classify(
-    runtime: RuntimeDep,
+    backend: BackendDep,
     file: Annotated[UploadFile, File()],
     labels: Annotated[list[str], Form(description="candidate labels (repeat the field)")],
     template: Annotated[str, Form(max_length=200)] = "a photo of {}",
 ) -> Classification:
-    source = (await spool_all(runtime, [file]))[0]
-    ranked = await search_service.classify(runtime, source, labels, template)
+    source = (await spool_all(backend, [file]))[0]
+    ranked = await search_service.classify(backend, source, labels, template)
     return Classification(labels=[LabelScore(label=lab, probability=p) for lab, p in ranked])

@@ -4,57 +4,52 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from anyio import to_thread
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from app.deps import RuntimeDep
+from app.deps import BackendDep
 from app.errors import NotFound
+from app.routes.bodies import image_item
 from app.routes.common import ERROR_RESPONSES, spool_all
 from app.schemas import ImageAdded, ImageItem, ImageList
-from app.services import library as library_service
-from app.views import image_item
+from app.services import items
 
 router = APIRouter(prefix="/images", tags=["images"], responses=ERROR_RESPONSES)
 
 
 @router.post("", status_code=201, response_model=ImageAdded)
 async def upload_images(
-    runtime: RuntimeDep,
+    backend: BackendDep,
     files: Annotated[list[UploadFile], File(description="one or more image files")],
     metadata: Annotated[str | None, Form(description="JSON object stored with each file")] = None,
 ) -> ImageAdded:
-    library = runtime.require()
-    meta = library_service.parse_metadata(metadata, library.settings.limits.max_metadata_bytes)
-    sources = await spool_all(runtime, files)
-    added = await library_service.add_images(runtime, sources, meta)
+    meta = items.parse_metadata(metadata, backend.settings.limits.max_metadata_bytes)
+    sources = await spool_all(backend, files)
+    added = await items.add_images(backend, sources, meta)
     return ImageAdded(items=[image_item(a.item, a.duplicate) for a in added])
 
 
 @router.get("", response_model=ImageList)
 async def list_images(
-    runtime: RuntimeDep,
+    backend: BackendDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     after: Annotated[int, Query(ge=0, description="id to start after")] = 0,
 ) -> ImageList:
-    library = runtime.require()
-    rows = await to_thread.run_sync(
-        lambda: library.store.list_items("image", after_id=after, limit=limit)
+    page = await items.list_items(backend, "image", after=after, limit=limit)
+    return ImageList(
+        items=[image_item(r) for r in page.items], next_after=page.next_after, total=page.total
     )
-    total = await to_thread.run_sync(library.store.count, "image")
-    next_after = rows[-1].id if len(rows) == limit else None
-    return ImageList(items=[image_item(r) for r in rows], next_after=next_after, total=total)
 
 
 @router.get("/{image_id}", response_model=ImageItem)
-async def get_image(runtime: RuntimeDep, image_id: int) -> ImageItem:
-    return image_item(await library_service.get_item(runtime, "image", image_id))
+async def get_image(backend: BackendDep, image_id: int) -> ImageItem:
+    return image_item(await items.get_item(backend, "image", image_id))
 
 
 @router.get("/{image_id}/content", response_class=FileResponse)
-async def image_content(runtime: RuntimeDep, image_id: int) -> FileResponse:
-    item = await library_service.get_item(runtime, "image", image_id)
-    path = runtime.require().media.path_of(item.media_path or "")
+async def image_content(backend: BackendDep, image_id: int) -> FileResponse:
+    item = await items.get_item(backend, "image", image_id)
+    path = backend.library.media.path_of(item.media_path or "")
     if not path.is_file():
         raise NotFound(f"the file of image {image_id} is missing")
     return FileResponse(
@@ -65,9 +60,9 @@ async def image_content(runtime: RuntimeDep, image_id: int) -> FileResponse:
 
 
 @router.get("/{image_id}/thumbnail", response_class=FileResponse)
-async def image_thumbnail(runtime: RuntimeDep, image_id: int) -> FileResponse:
-    item = await library_service.get_item(runtime, "image", image_id)
-    path = runtime.require().media.thumbnail_path(item.sha256)
+async def image_thumbnail(backend: BackendDep, image_id: int) -> FileResponse:
+    item = await items.get_item(backend, "image", image_id)
+    path = backend.library.media.thumbnail_path(item.sha256)
     if not path.is_file():
         raise NotFound(f"the thumbnail of image {image_id} is missing")
     return FileResponse(
@@ -78,6 +73,6 @@ async def image_thumbnail(runtime: RuntimeDep, image_id: int) -> FileResponse:
 
 
 @router.delete("/{image_id}", status_code=204, response_class=Response)
-async def delete_image(runtime: RuntimeDep, image_id: int) -> Response:
-    await library_service.delete_item(runtime, "image", image_id)
+async def delete_image(backend: BackendDep, image_id: int) -> Response:
+    await items.delete_item(backend, "image", image_id)
     return Response(status_code=204)

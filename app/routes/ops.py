@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import RuntimeDep
+from app.deps import BackendDep, RuntimeDep
 from app.schemas import Health, IndexInfo, Info, ModelInfo
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -26,8 +26,8 @@ def _version() -> str:
 
 
 @info_router.get("/info", response_model=Info)
-async def info(runtime: RuntimeDep) -> Info:
-    library = runtime.require()
+async def info(backend: BackendDep) -> Info:
+    library = backend.library
     encoder = library.encoder
     limits = library.settings.limits
     return Info(
@@ -42,7 +42,7 @@ async def info(runtime: RuntimeDep) -> Info:
             image_size=encoder.image_size,
             has_reranker=encoder.has_reranker,
         ),
-        counts=runtime.describe_counts(),
+        counts=backend.counts(),
         index={
             "images": IndexInfo(**library.images.info()),
             "texts": IndexInfo(**library.texts.info()),

@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from app.deps import RuntimeDep
+from app.deps import BackendDep
+from app.routes.bodies import image_hit, text_hit
 from app.routes.common import ERROR_RESPONSES, parse_filter, spool_all
 from app.schemas import HARD_MAX_K, ImageResults, TextResults, TextSearch
 from app.services import search as search_service
-from app.services.library import UploadSource
-from app.views import image_hit, text_hit
+from app.services.items import UploadSource
 
 router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 
@@ -21,16 +21,16 @@ FileForm = Annotated[UploadFile | None, File(description="the query image")]
 ImageIdForm = Annotated[int | None, Form(ge=1, description="a stored image as the query")]
 
 
-async def _source(runtime: RuntimeDep, file: UploadFile | None) -> UploadSource | None:
+async def _source(backend: BackendDep, file: UploadFile | None) -> UploadSource | None:
     if file is None:
         return None
-    return (await spool_all(runtime, [file]))[0]
+    return (await spool_all(backend, [file]))[0]
 
 
 @router.post("/text", response_model=ImageResults)
-async def search_text(runtime: RuntimeDep, body: TextSearch) -> ImageResults:
+async def search_text(backend: BackendDep, body: TextSearch) -> ImageResults:
     outcome = await search_service.search_by_text(
-        runtime,
+        backend,
         body.query,
         k=body.k,
         filter_=body.filter,
@@ -42,7 +42,7 @@ async def search_text(runtime: RuntimeDep, body: TextSearch) -> ImageResults:
 
 @router.post("/image", response_model=ImageResults)
 async def search_image(
-    runtime: RuntimeDep,
+    backend: BackendDep,
     file: FileForm = None,
     image_id: ImageIdForm = None,
     k: KForm = 10,
@@ -50,14 +50,14 @@ async def search_image(
 ) -> ImageResults:
     filter_ = parse_filter(filter)
     outcome = await search_service.search_by_image(
-        runtime, source=await _source(runtime, file), image_id=image_id, k=k, filter_=filter_
+        backend, source=await _source(backend, file), image_id=image_id, k=k, filter_=filter_
     )
     return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
 
 
 @router.post("/image-to-text", response_model=TextResults)
 async def search_image_to_text(
-    runtime: RuntimeDep,
+    backend: BackendDep,
     file: FileForm = None,
     image_id: ImageIdForm = None,
     k: KForm = 10,
@@ -67,8 +67,8 @@ async def search_image_to_text(
 ) -> TextResults:
     filter_ = parse_filter(filter)
     outcome = await search_service.search_texts_by_image(
-        runtime,
-        source=await _source(runtime, file),
+        backend,
+        source=await _source(backend, file),
         image_id=image_id,
         k=k,
         filter_=filter_,

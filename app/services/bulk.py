@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from app.library import Library
 from app.paths import images_under
-from app.runtime import Library
-from app.services.library import text_sha256
+from app.services.items import ImageToStore, commit_images, commit_texts, text_sha256
 from index.media import file_sha256
 from index.store import NewItem
 from models.encoder import Encoder
@@ -350,7 +350,6 @@ def index_paths(
         if pending is not None:
             pending.result()
     bar.close()
-    library.images.catch_up()
     if captions:
         report.texts_added = _index_captions(library, captions, batch_size)
     report.seconds = time.perf_counter() - started
@@ -364,32 +363,27 @@ def _commit_batch(
     vectors: np.ndarray,
     metadata: dict[str, Any],
 ) -> None:
-    items = []
-    with library.write_lock:
-        for d, vector in zip(decoded, vectors, strict=True):
-            path, sha, caption = todo[d.position]
-            relative = library.media.relative_path(sha, d.mime)
-            library.media.put_file(path, relative, move=False)
-            library.media.put_thumbnail(sha, d.thumbnail)
-            meta = {**metadata, "source": path.name}
-            if caption:
-                meta["caption"] = caption
-            items.append(
-                NewItem(
-                    kind="image",
-                    sha256=sha,
-                    embedding=vector,
-                    metadata=meta,
-                    media_path=relative,
-                    mime=d.mime,
-                    width=d.width,
-                    height=d.height,
-                    bytes=d.size,
-                    filename=path.name,
-                )
+    images = []
+    for d, vector in zip(decoded, vectors, strict=True):
+        path, sha, caption = todo[d.position]
+        meta = {**metadata, "source": path.name}
+        if caption:
+            meta["caption"] = caption
+        images.append(
+            ImageToStore(
+                source=path,
+                sha256=sha,
+                thumbnail=d.thumbnail,
+                mime=d.mime,
+                width=d.width,
+                height=d.height,
+                size=d.size,
+                filename=path.name,
+                metadata=meta,
+                vector=vector,
             )
-        library.store.add_items(items)
-    library.images.catch_up()
+        )
+    commit_images(library, images, move=False)
 
 
 def _index_captions(library: Library, captions: list[str], batch_size: int) -> int:
@@ -403,12 +397,11 @@ def _index_captions(library: Library, captions: list[str], batch_size: int) -> i
     for start in range(0, len(shas), batch_size):
         chunk = shas[start : start + batch_size]
         vectors = library.encoder.encode_texts([fresh[s] for s in chunk])
-        with library.write_lock:
-            library.store.add_items(
-                [
-                    NewItem(kind="text", sha256=s, embedding=v, text=fresh[s])
-                    for s, v in zip(chunk, vectors, strict=True)
-                ]
-            )
-    library.texts.catch_up()
+        commit_texts(
+            library,
+            [
+                NewItem(kind="text", sha256=s, embedding=v, text=fresh[s])
+                for s, v in zip(chunk, vectors, strict=True)
+            ],
+        )
     return len(shas)

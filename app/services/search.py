@@ -10,12 +10,14 @@ import numpy as np
 import torch
 from anyio import to_thread
 
+from app.batching import DynamicBatcher
 from app.errors import InvalidField, NotFound, RerankUnavailable
-from app.runtime import Library, Runtime
-from app.services.library import UploadSource, normalise_text, prepare_image
-from app.services.model_calls import RerankJob
+from app.library import Library
+from app.runtime import Backend
+from app.services.forward_passes import RerankJob
+from app.services.items import UploadSource, checked_text, prepare_image
+from index.collection import IndexedCollection, SearchHit
 from index.filters import FilterError
-from index.manager import IndexedCollection, SearchHit
 from index.store import Kind, StoredItem
 from models.inputs.decode import decode_image
 
@@ -33,13 +35,12 @@ class SearchOutcome:
     took_ms: float
 
 
-def _check_k(library: Library, k: int, rerank: bool, rerank_k: int | None) -> int:
+def _check_k(library: Library, k: int, rerank: bool, rerank_k: int | None) -> None:
     limits = library.settings.limits
     if not 1 <= k <= limits.max_k:
         raise InvalidField(f"k must be between 1 and {limits.max_k}")
     if rerank and rerank_k is not None and not 1 <= rerank_k <= limits.max_rerank_k:
         raise InvalidField(f"rerank_k must be between 1 and {limits.max_rerank_k}")
-    return k
 
 
 def _search(
@@ -74,11 +75,12 @@ def _rerank_budget(library: Library, k: int, rerank_k: int | None) -> int:
 
 
 async def _query_image_vector(
-    runtime: Runtime, library: Library, source: UploadSource | None, image_id: int | None
+    backend: Backend, source: UploadSource | None, image_id: int | None
 ) -> tuple[np.ndarray, torch.Tensor | None, StoredItem | None]:
     """The query image's vector, plus its pixels (for re-ranking) when cheap to have."""
     if (source is None) == (image_id is None):
         raise InvalidField("send exactly one of: an image file, or image_id")
+    library = backend.library
     if image_id is not None:
         item = await to_thread.run_sync(library.store.get, "image", image_id)
         vector = await to_thread.run_sync(library.store.embedding, "image", image_id)
@@ -90,30 +92,31 @@ async def _query_image_vector(
         prepared = await to_thread.run_sync(prepare_image, library, source)
     finally:
         source.path.unlink(missing_ok=True)
-    assert runtime.image_batcher is not None
-    vector = await runtime.image_batcher.submit(prepared.pixels)
+    vector = await backend.image_encoder.submit(prepared.pixels)
     return vector, prepared.pixels, None
 
 
-def _require_reranker(runtime: Runtime) -> None:
-    if runtime.rerank_batcher is None:
+def _reranker(backend: Backend) -> DynamicBatcher[RerankJob, np.ndarray]:
+    if backend.reranker is None:
         raise RerankUnavailable(
             "the loaded model has no fusion re-ranker; load a checkpoint trained with "
             "`xmodal train` (--checkpoint) or search without rerank"
         )
+    return backend.reranker
 
 
-async def _rerank(runtime: Runtime, hits: list[Hit], job: RerankJob) -> None:
+async def _rerank(
+    reranker: DynamicBatcher[RerankJob, np.ndarray], hits: list[Hit], job: RerankJob
+) -> None:
     """Score each hit's pair with the fusion head (through its batcher) and sort by it."""
-    assert runtime.rerank_batcher is not None
-    probs = await runtime.rerank_batcher.submit(job)
+    probs = await reranker.submit(job)
     for hit, prob in zip(hits, probs, strict=True):
         hit.rerank_score = float(prob)
     hits.sort(key=lambda h: -(h.rerank_score or 0.0))
 
 
 async def search_by_text(
-    runtime: Runtime,
+    backend: Backend,
     query: str,
     *,
     k: int,
@@ -122,24 +125,22 @@ async def search_by_text(
     rerank_k: int | None = None,
 ) -> SearchOutcome:
     started = time.perf_counter()
-    library = runtime.require()
-    query = normalise_text(query, library.settings.limits.max_query_chars, "query")
+    library = backend.library
+    query = checked_text(query, library.settings.limits.max_query_chars, "query")
     _check_k(library, k, rerank, rerank_k)
-    if rerank:
-        _require_reranker(runtime)
-    assert runtime.text_batcher is not None
-    vector = await runtime.text_batcher.submit(query)
+    reranker = _reranker(backend) if rerank else None
+    vector = await backend.text_encoder.submit(query)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
     found = await to_thread.run_sync(_search, library, library.images, vector, depth, filter_)
     hits = [Hit(item, score) for item, score in found]
-    if rerank and hits:
+    if reranker is not None and hits:
         pixels = await to_thread.run_sync(_load_pixels, library, [h.item for h in hits])
-        await _rerank(runtime, hits, RerankJob([query], pixels))
+        await _rerank(reranker, hits, RerankJob([query], pixels))
     return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
 
 
 async def search_by_image(
-    runtime: Runtime,
+    backend: Backend,
     *,
     source: UploadSource | None,
     image_id: int | None,
@@ -147,16 +148,16 @@ async def search_by_image(
     filter_: dict[str, Any] | None = None,
 ) -> SearchOutcome:
     started = time.perf_counter()
-    library = runtime.require()
+    library = backend.library
     _check_k(library, k, False, None)
-    vector, _, _ = await _query_image_vector(runtime, library, source, image_id)
+    vector, _, _ = await _query_image_vector(backend, source, image_id)
     found = await to_thread.run_sync(_search, library, library.images, vector, k, filter_)
     hits = [Hit(item, score) for item, score in found]
     return SearchOutcome(hits, (time.perf_counter() - started) * 1000)
 
 
 async def search_texts_by_image(
-    runtime: Runtime,
+    backend: Backend,
     *,
     source: UploadSource | None,
     image_id: int | None,
@@ -166,59 +167,50 @@ async def search_texts_by_image(
     rerank_k: int | None = None,
 ) -> SearchOutcome:
     started = time.perf_counter()
-    library = runtime.require()
+    library = backend.library
     _check_k(library, k, rerank, rerank_k)
-    if rerank:
-        _require_reranker(runtime)
-    vector, pixels, item = await _query_image_vector(runtime, library, source, image_id)
+    reranker = _reranker(backend) if rerank else None
+    vector, pixels, item = await _query_image_vector(backend, source, image_id)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
     found = await to_thread.run_sync(_search, library, library.texts, vector, depth, filter_)
     hits = [Hit(text_item, score) for text_item, score in found]
-    if rerank and hits:
+    if reranker is not None and hits:
         if pixels is None:
             assert item is not None
             pixels = (await to_thread.run_sync(_load_pixels, library, [item]))[0]
-        await _rerank(runtime, hits, RerankJob([h.item.text or "" for h in hits], [pixels]))
+        await _rerank(reranker, hits, RerankJob([h.item.text or "" for h in hits], [pixels]))
     return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
 
 
-async def embed_texts(runtime: Runtime, texts: list[str]) -> list[np.ndarray]:
-    library = runtime.require()
-    limits = library.settings.limits
-    cleaned = [
-        normalise_text(t, limits.max_query_chars, f"texts[{i}]") for i, t in enumerate(texts)
-    ]
-    assert runtime.text_batcher is not None
-    return await runtime.text_batcher.submit_many(cleaned)
+async def embed_texts(backend: Backend, texts: list[str]) -> list[np.ndarray]:
+    limits = backend.settings.limits
+    cleaned = [checked_text(t, limits.max_query_chars, f"texts[{i}]") for i, t in enumerate(texts)]
+    return await backend.text_encoder.submit_many(cleaned)
 
 
-async def embed_images(runtime: Runtime, sources: list[UploadSource]) -> list[np.ndarray]:
-    library = runtime.require()
+async def embed_images(backend: Backend, sources: list[UploadSource]) -> list[np.ndarray]:
     try:
-        prepared = [await to_thread.run_sync(prepare_image, library, s) for s in sources]
+        prepared = [await to_thread.run_sync(prepare_image, backend.library, s) for s in sources]
     finally:
         for source in sources:
             source.path.unlink(missing_ok=True)
-    assert runtime.image_batcher is not None
-    return await runtime.image_batcher.submit_many([p.pixels for p in prepared])
+    return await backend.image_encoder.submit_many([p.pixels for p in prepared])
 
 
 async def classify(
-    runtime: Runtime, source: UploadSource, labels: list[str], template: str
+    backend: Backend, source: UploadSource, labels: list[str], template: str
 ) -> list[tuple[str, float]]:
     """Zero-shot: softmax over the label prompts' similarities, at the model's temperature."""
-    library = runtime.require()
-    limits = library.settings.limits
-    labels = [normalise_text(label, limits.max_query_chars, "label") for label in labels]
+    limits = backend.settings.limits
+    labels = [checked_text(label, limits.max_query_chars, "label") for label in labels]
     if not 2 <= len(labels) <= 256:
         raise InvalidField("give between 2 and 256 labels")
     if "{}" not in template:
         raise InvalidField("template must contain {} where the label goes")
-    vectors = await embed_images(runtime, [source])
-    assert runtime.text_batcher is not None
-    label_vectors = await runtime.text_batcher.submit_many([template.format(x) for x in labels])
+    vectors = await embed_images(backend, [source])
+    label_vectors = await backend.text_encoder.submit_many([template.format(x) for x in labels])
     logits = np.stack(label_vectors) @ vectors[0]
-    model: Any = library.encoder.model
+    model: Any = backend.encoder.model
     scale = float(model.logit_scale.exp().item())
     probs = np.exp((logits - logits.max()) * scale)
     probs /= probs.sum()

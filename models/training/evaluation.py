@@ -108,7 +108,7 @@ def _itm_scores(
 def evaluate(
     csv_path: Path, encoder: Encoder, rerank_k: int = 16, batch_size: int = 256
 ) -> dict[str, Any]:
-    """DESIGN.md's eval object: {"n", "text_to_image", "image_to_text"} and, when the encoder
+    """The `xmodal eval --json` object: {"n", "text_to_image", "image_to_text"} and, when the encoder
     has a fusion head and rerank_k > 0, the `_rerank` entries (each query's top rerank_k
     dual-encoder candidates re-ordered by ITM probability).
 

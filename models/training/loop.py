@@ -106,7 +106,7 @@ class _Rows:
 
 
 def read_rows(csv_path: Path) -> _Rows:
-    """DESIGN.md's dataset CSV (`filepath,caption`, paths relative to the CSV's folder),
+    """A dataset CSV (`filepath,caption`, paths relative to the CSV's folder),
     with an optional `group` column naming near-twin groups."""
     csv_path = Path(csv_path)
     with csv_path.open(newline="", encoding="utf-8") as fh:

@@ -12,7 +12,7 @@ A bag of words cannot tell a colour-swapped twin apart (same words), and a relat
 binding problem too, since which object is named first varies. A twin group is these four
 images; each caption is true of exactly one image in its group.
 
-Datasets are written in DESIGN.md's format (`filepath,caption`, paths relative to the CSV's
+Datasets are written in the dataset CSV format (`filepath,caption`, paths relative to the CSV's
 folder, PNG files) plus a `group` column: rows sharing a group id are near-twins. Readers that
 only know `filepath,caption` ignore it; `models.training` uses it to put twins in one batch.
 """

@@ -190,11 +190,10 @@ def test_restart_replays_writes_the_saved_index_missed(
     more = _seed_collection(second, 6)[3:]
     second.delete(f"/v1/images/{ids[0]}")
     runtime = second.app.state.runtime  # type: ignore[attr-defined]
-    library = runtime.library
-    runtime.ready = False
+    library = runtime.backend.library
+    runtime.backend = None
     library.store.close()
     library.lock.release()  # the "crash": nothing saved, lock gone with the process
-    runtime.library = None
     third = make_client(data)
     info = third.get("/v1/info").json()
     assert info["counts"]["images"] == 5

@@ -40,7 +40,7 @@ async def test_concurrent_text_searches_share_forward_passes(
                 (await client.post("/v1/embed/text", json={"texts": [q]})).json()["embeddings"][0]
                 for q in QUERIES[:4]
             ]
-            batcher = app.state.runtime.text_batcher
+            batcher = app.state.runtime.backend.text_encoder
             before = batcher.batches_run
             responses = await asyncio.gather(
                 *(client.post("/v1/embed/text", json={"texts": [q]}) for q in QUERIES)
@@ -65,7 +65,7 @@ async def test_concurrent_image_uploads_share_forward_passes(
                     "/v1/embed/image", files={"files": ("a.png", image_bytes(0), "image/png")}
                 )
             ).json()["embeddings"][0]
-            batcher = app.state.runtime.image_batcher
+            batcher = app.state.runtime.backend.image_encoder
             before = batcher.batches_run
             responses = await asyncio.gather(
                 *(
@@ -177,7 +177,7 @@ async def test_http_overload_is_503_with_retry_after(encoder: Encoder, tmp_path:
     async with app.router.lifespan_context(app):
         client = await _ready_client(app)
         gate = threading.Event()
-        batcher = app.state.runtime.text_batcher
+        batcher = app.state.runtime.backend.text_encoder
         real = batcher._fn
         batcher._fn = lambda items: (gate.wait(5), real(items))[1]
         async with client:

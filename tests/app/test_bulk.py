@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.runtime import Library
+from app.library import Library
 from app.services.bulk import IndexReport, index_paths
 from index.media import file_sha256
 from models.encoder import Encoder
@@ -44,8 +44,9 @@ def _index(encoder: Encoder, data: Path, folder: Path, **kwargs: object) -> tupl
     try:
         report = index_paths(library, [folder], batch_size=4, progress=False, **kwargs)  # type: ignore[arg-type]
         stored: dict[str, tuple[int, int, np.ndarray, bool]] = {}
+        by_sha = {i.sha256: i for i in library.store.list_items("image", limit=10_000)}
         for path in sorted(folder.iterdir()):
-            item = library.store.find_sha("image", file_sha256(path)[0])
+            item = by_sha.get(file_sha256(path)[0])
             if item is None:
                 continue
             embedding = library.store.embedding("image", item.id)

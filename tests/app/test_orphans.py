@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.runtime import CLEAN_SHUTDOWN, Library
+from app.library import CLEAN_SHUTDOWN, Library
 from app.services.bulk import index_paths
 from models.encoder import Encoder
 from tests.conftest import image_bytes, make_settings

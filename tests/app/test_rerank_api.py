@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
-from app.services.model_calls import RerankJob, rerank_batch
+from app.services.forward_passes import RerankJob, rerank_batch
 from models.checkpoint import save_checkpoint
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder

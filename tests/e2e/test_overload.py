@@ -62,7 +62,7 @@ def _rss_bytes() -> int:
 @pytest.mark.slow
 def test_disconnected_clients_are_skipped(served: InProcessServer) -> None:
     runtime = served.app.state.runtime
-    gated = GatedModel(runtime.text_batcher)
+    gated = GatedModel(runtime.backend.text_encoder)
     batches = 'xmodal_batch_size_count{batcher="text_encode"}'
     batches_before = _metric(served.url, batches)  # the registry is shared by the process
     blocker = threading.Thread(
@@ -92,7 +92,7 @@ def test_disconnected_clients_are_skipped(served: InProcessServer) -> None:
 @pytest.mark.slow
 def test_burst_of_500_is_answered_and_memory_stays_bounded(served: InProcessServer) -> None:
     runtime = served.app.state.runtime
-    gated = GatedModel(runtime.text_batcher)
+    gated = GatedModel(runtime.backend.text_encoder)
     before = _rss_bytes()
 
     async def burst() -> list[tuple[int, float, str | None]]:
@@ -134,7 +134,7 @@ def test_client_retries_503_honouring_retry_after(encoder: Encoder, tmp_path: Pa
         tmp_path / "d", batch={"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 1}
     )
     with InProcessServer(create_app(settings, encoder=encoder)) as server:
-        gated = GatedModel(server.app.state.runtime.text_batcher)
+        gated = GatedModel(server.app.state.runtime.backend.text_encoder)
         holders = [
             threading.Thread(
                 target=lambda i=i: httpx.post(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.client import AsyncXmodalClient, XmodalClient, XmodalError
+from app.client import APIError, AsyncXmodalClient, XmodalClient
 from tests.conftest import image_bytes
 from tests.e2e.server import ServerProcess
 
@@ -39,10 +39,10 @@ def test_serve_upload_search_delete_restart(tmp_path: Path) -> None:
             assert len(client.search_image_to_text(photos[0], k=3)) == 3
             client.delete_image(by_name[photos[1].name])
             client.delete_text(text_ids[0])
-            with pytest.raises(XmodalError) as bad:
+            with pytest.raises(APIError) as bad:
                 client.search_text("   ")
             assert bad.value.status == 422
-            with pytest.raises(XmodalError) as bad_upload:
+            with pytest.raises(APIError) as bad_upload:
                 list(client.upload([tmp_path / "photos" / "img0.jpeg", __file__]))
             assert bad_upload.value.status == 415
         # uvicorn re-raises SIGTERM after a graceful shutdown, so -15 is a clean exit too

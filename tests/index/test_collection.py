@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index.collection import CollectionPolicy, IndexedCollection
 from index.filters import FilterError, compile_filter
-from index.manager import CollectionPolicy, IndexedCollection
 from index.store import MetadataStore, NewItem, StoreVersionError
 from tests.index.test_vectors import DIM, clustered
 
@@ -18,7 +18,7 @@ def _add(store: MetadataStore, vectors: np.ndarray, start: int = 0) -> list[int]
         NewItem(kind="image", sha256=f"sha{start + i}", embedding=v, metadata={"n": start + i})
         for i, v in enumerate(vectors)
     ]
-    return [item_id for item_id, _ in store.add_items(items)]
+    return [item.id for item, _ in store.add_items(items)]
 
 
 def _collection(store: MetadataStore, path: Path, **policy: object) -> IndexedCollection:

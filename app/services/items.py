@@ -1,4 +1,5 @@
-"""Adding, listing and deleting images and texts. Knows nothing of HTTP.
+"""Adding, listing and deleting images and texts: the one write path of HTTP uploads and of
+`xmodal index`. Knows nothing of HTTP.
 
 Write path of an image: streamed to a temp file -> decoded and checked (pixels, format) ->
 embedded through the batcher -> file moved into the content-addressed store (fsync) -> row and
@@ -30,8 +31,9 @@ from app.errors import (
     UnsupportedMedia,
     storage_error,
 )
+from app.library import Library
 from app.metrics import ITEMS_ADDED
-from app.runtime import Library, Runtime
+from app.runtime import Backend
 from index.media import file_sha256
 from index.store import Kind, NewItem, StoredItem
 from models.inputs.decode import (
@@ -138,44 +140,66 @@ def check_metadata(value: Any, max_bytes: int) -> dict[str, Any]:
     return value
 
 
-def _commit_images(
-    library: Library,
-    prepared: list[PreparedImage],
-    vectors: dict[str, np.ndarray],
-    metadata: dict[str, Any],
-) -> list[tuple[int, bool]]:
-    items = []
+@dataclass
+class ImageToStore:
+    """One decoded image on its way into the library."""
+
+    source: Path  # the file to copy (or move) into the media store
+    sha256: str
+    thumbnail: bytes
+    mime: str
+    width: int
+    height: int
+    size: int
+    filename: str | None
+    metadata: dict[str, Any]
+    # None when the content was already stored (no forward pass spent on it); then `pixels`
+    # embeds it after all should its stored twin be deleted before the commit.
+    vector: np.ndarray | None
+    pixels: torch.Tensor | None = None
+
+
+def commit_images(
+    library: Library, images: list[ImageToStore], *, move: bool
+) -> list[tuple[StoredItem, bool]]:
+    """Store files, thumbnails and rows in one SQLite transaction, the acknowledgement point;
+    then catch the FAISS index up. Returns (stored item, created) per image, in order.
+    `move`: the sources are temp files of ours (uploads) rather than the user's files."""
     with library.write_lock:
-        # A duplicate whose original was deleted since we looked needs a vector after all
-        # (rare: embedded here, on this worker thread, rather than stored as a blank).
-        lost = [
-            p for p in prepared
-            if p.sha256 not in vectors and library.store.find_sha("image", p.sha256) is None
-        ]  # fmt: skip
-        if lost:
-            fresh = library.encoder.encode_images([p.pixels for p in lost])
-            vectors = {**vectors, **{p.sha256: v for p, v in zip(lost, fresh, strict=True)}}
+        unembedded = [i for i in images if i.vector is None]
+        if unembedded:
+            # A duplicate whose original was deleted since the caller looked needs a vector
+            # after all (rare: embedded here, on this worker thread).
+            stored = library.store.known_shas("image", [i.sha256 for i in unembedded])
+            lost = [i for i in unembedded if i.sha256 not in stored and i.pixels is not None]
+            if lost:
+                vectors = library.encoder.encode_images(
+                    [i.pixels for i in lost if i.pixels is not None]
+                )
+                for image, vector in zip(lost, vectors, strict=True):
+                    image.vector = vector
         try:
-            for p in prepared:
-                if p.sha256 not in vectors:
-                    continue
-                relative = library.media.relative_path(p.sha256, p.mime)
-                library.media.put_file(p.source.path, relative)
-                library.media.put_thumbnail(p.sha256, p.thumbnail)
-            for p in prepared:
+            items = []
+            for image in images:
+                relative = library.media.relative_path(image.sha256, image.mime)
+                if image.vector is not None:
+                    library.media.put_file(image.source, relative, move=move)
+                    library.media.put_thumbnail(image.sha256, image.thumbnail)
                 items.append(
                     NewItem(
                         kind="image",
-                        sha256=p.sha256,
+                        sha256=image.sha256,
                         # Known content keeps its stored row; this vector is then unused.
-                        embedding=vectors.get(p.sha256, np.zeros(library.encoder.dim, np.float32)),
-                        metadata=metadata,
-                        media_path=library.media.relative_path(p.sha256, p.mime),
-                        mime=p.mime,
-                        width=p.width,
-                        height=p.height,
-                        bytes=p.size,
-                        filename=clean_filename(p.source.filename),
+                        embedding=image.vector
+                        if image.vector is not None
+                        else np.zeros(library.encoder.dim, np.float32),
+                        metadata=image.metadata,
+                        media_path=relative,
+                        mime=image.mime,
+                        width=image.width,
+                        height=image.height,
+                        bytes=image.size,
+                        filename=image.filename,
                     )
                 )
             results = library.store.add_items(items)
@@ -185,34 +209,55 @@ def _commit_images(
     return results
 
 
+def commit_texts(library: Library, items: list[NewItem]) -> list[tuple[StoredItem, bool]]:
+    """Texts' rows in one transaction, then the FAISS index caught up."""
+    with library.write_lock:
+        try:
+            results = library.store.add_items(items)
+        except (OSError, sqlite3.Error) as exc:
+            raise storage_error(exc) from exc
+    library.texts.catch_up()
+    return results
+
+
 async def add_images(
-    runtime: Runtime, sources: list[UploadSource], metadata: dict[str, Any]
+    backend: Backend, sources: list[UploadSource], metadata: dict[str, Any]
 ) -> list[AddedItem]:
     """All-or-nothing: if any file is bad, nothing of the request is stored."""
-    library = runtime.require()
+    library = backend.library
     try:
         prepared: list[PreparedImage] = []
         for source in sources:
             prepared.append(await to_thread.run_sync(prepare_image, library, source))
-        known = {
-            p.sha256
-            for p in prepared
-            if await to_thread.run_sync(library.store.find_sha, "image", p.sha256) is not None
-        }
+        known = await to_thread.run_sync(
+            library.store.known_shas, "image", [p.sha256 for p in prepared]
+        )
         fresh = {p.sha256: p for p in prepared if p.sha256 not in known}
-        assert runtime.image_batcher is not None
-        embedded = await runtime.image_batcher.submit_many([p.pixels for p in fresh.values()])
+        embedded = await backend.image_encoder.submit_many([p.pixels for p in fresh.values()])
         vectors = dict(zip(fresh.keys(), embedded, strict=True))
-        results = await to_thread.run_sync(_commit_images, library, prepared, vectors, metadata)
+        images = [
+            ImageToStore(
+                source=p.source.path,
+                sha256=p.sha256,
+                thumbnail=p.thumbnail,
+                mime=p.mime,
+                width=p.width,
+                height=p.height,
+                size=p.size,
+                filename=clean_filename(p.source.filename),
+                metadata=metadata,
+                vector=vectors.get(p.sha256),
+                pixels=None if p.sha256 in vectors else p.pixels,
+            )
+            for p in prepared
+        ]
+        results = await to_thread.run_sync(lambda: commit_images(library, images, move=True))
     finally:
         for source in sources:
             source.path.unlink(missing_ok=True)
-    runtime.after_write()
-    ids = [item_id for item_id, _ in results]
-    stored = await to_thread.run_sync(library.store.get_many, "image", ids)
-    created = sum(1 for _, new in results if new)
-    ITEMS_ADDED.labels("image").inc(created)
-    return [AddedItem(stored[i], not new) for i, new in results]
+    backend.after_write()
+    ITEMS_ADDED.labels("image").inc(sum(1 for _, new in results if new))
+    return [AddedItem(item, not new) for item, new in results]
 
 
 def text_sha256(text: str) -> str:
@@ -220,7 +265,7 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def normalise_text(text: str, max_chars: int, what: str = "text") -> str:
+def checked_text(text: str, max_chars: int, what: str = "text") -> str:
     """Reject what cannot be encoded or searched: empty, too long, invalid Unicode."""
     try:
         text.encode("utf-8")
@@ -234,44 +279,32 @@ def normalise_text(text: str, max_chars: int, what: str = "text") -> str:
     return cleaned
 
 
-def _commit_texts(library: Library, items: list[NewItem]) -> list[tuple[int, bool]]:
-    with library.write_lock:
-        try:
-            results = library.store.add_items(items)
-        except (OSError, sqlite3.Error) as exc:
-            raise storage_error(exc) from exc
-    library.texts.catch_up()
-    return results
-
-
-async def add_texts(runtime: Runtime, entries: list[tuple[str, dict[str, Any]]]) -> list[AddedItem]:
-    library = runtime.require()
-    limits = library.settings.limits
+async def add_texts(backend: Backend, entries: list[tuple[str, dict[str, Any]]]) -> list[AddedItem]:
+    limits = backend.settings.limits
+    if len(entries) > limits.max_texts_per_request:
+        raise TooLarge(f"at most {limits.max_texts_per_request} texts per request")
     cleaned = [
         (
-            normalise_text(text, limits.max_query_chars),
+            checked_text(text, limits.max_query_chars),
             check_metadata(meta, limits.max_metadata_bytes),
         )
         for text, meta in entries
     ]
-    shas = [text_sha256(text) for text, _ in cleaned]
-    assert runtime.text_batcher is not None
-    vectors = await runtime.text_batcher.submit_many([text for text, _ in cleaned])
+    vectors = await backend.text_encoder.submit_many([text for text, _ in cleaned])
     items = [
-        NewItem(kind="text", sha256=sha, embedding=vec, metadata=meta, text=text)
-        for (text, meta), sha, vec in zip(cleaned, shas, vectors, strict=True)
+        NewItem(kind="text", sha256=text_sha256(text), embedding=vec, metadata=meta, text=text)
+        for (text, meta), vec in zip(cleaned, vectors, strict=True)
     ]
-    results = await to_thread.run_sync(_commit_texts, library, items)
-    runtime.after_write()
-    stored = await to_thread.run_sync(library.store.get_many, "text", [i for i, _ in results])
+    results = await to_thread.run_sync(commit_texts, backend.library, items)
+    backend.after_write()
     ITEMS_ADDED.labels("text").inc(sum(1 for _, new in results if new))
-    return [AddedItem(stored[i], not new) for i, new in results]
+    return [AddedItem(item, not new) for item, new in results]
 
 
-def _delete(library: Library, kind: str, item_id: int) -> StoredItem:
+def _delete(library: Library, kind: Kind, item_id: int) -> StoredItem:
     with library.write_lock:
         try:
-            item = library.store.delete("image" if kind == "image" else "text", item_id)
+            item = library.store.delete(kind, item_id)
         except sqlite3.Error as exc:
             raise storage_error(exc) from exc
         if item is None:
@@ -282,42 +315,27 @@ def _delete(library: Library, kind: str, item_id: int) -> StoredItem:
     return item
 
 
-async def delete_item(runtime: Runtime, kind: str, item_id: int) -> None:
-    library = runtime.require()
-    await to_thread.run_sync(_delete, library, kind, item_id)
-    runtime.after_write()
+async def delete_item(backend: Backend, kind: Kind, item_id: int) -> None:
+    await to_thread.run_sync(_delete, backend.library, kind, item_id)
+    backend.after_write()
 
 
-async def get_item(runtime: Runtime, kind: str, item_id: int) -> StoredItem:
-    library = runtime.require()
-    item = await to_thread.run_sync(
-        library.store.get, "image" if kind == "image" else "text", item_id
-    )
+async def get_item(backend: Backend, kind: Kind, item_id: int) -> StoredItem:
+    item = await to_thread.run_sync(backend.library.store.get, kind, item_id)
     if item is None:
         raise NotFound(f"no {kind} with id {item_id}")
     return item
 
 
-def reembed_everything(library: Library, batch: int = 64) -> None:
-    """Re-embed every stored image and text with the loaded model (after a model change)."""
-    encoder = library.encoder
-    store = library.store
-    log.warning("re-embedding the whole collection with %s", encoder.name)
-    kinds: tuple[Kind, ...] = ("image", "text")
-    for kind in kinds:
-        after = 0
-        while True:
-            rows = store.list_items(kind, after_id=after, limit=batch)
-            if not rows:
-                break
-            if kind == "image":
-                pixels = []
-                for row in rows:
-                    path = library.media.path_of(row.media_path or "")
-                    decoded = decode_image(path, max_pixels=1 << 62, draft_px=encoder.image_size)
-                    pixels.append(encoder.preprocess_image(decoded.image))
-                vectors = encoder.encode_images(pixels)
-            else:
-                vectors = encoder.encode_texts([row.text or "" for row in rows])
-            store.replace_embeddings(kind, [r.id for r in rows], vectors)
-            after = rows[-1].id
+@dataclass
+class Page:
+    items: list[StoredItem]
+    next_after: int | None  # the cursor of the next page; None on the last one
+    total: int
+
+
+async def list_items(backend: Backend, kind: Kind, *, after: int, limit: int) -> Page:
+    store = backend.library.store
+    rows = await to_thread.run_sync(lambda: store.list_items(kind, after_id=after, limit=limit))
+    total = await to_thread.run_sync(store.count, kind)
+    return Page(rows, rows[-1].id if len(rows) == limit else None, total)

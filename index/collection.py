@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class CollectionPolicy:
     kind: IndexKind | None = None  # None: choose by size
     exact_max: int = 50_000
-    hnsw_max: int = 2_000_000
+    hnsw_max: int = 1_000_000
     params: IndexParams | None = None
     save_every_changes: int = 1000
     # HNSW keeps deleted vectors as tombstones; rebuild when they pass this share.

@@ -1,0 +1,220 @@
+"""The data dir opened for one model: its lock, the SQLite store, the media files and the two
+indexed collections (images, texts).
+
+Opening checks the stored model fingerprint against the loaded model (refusing, or re-embedding
+everything when asked), and after an unclean shutdown removes media files that no row points
+at. SQLite is the source of truth; the FAISS indexes are caches caught up from its change log.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from app.config import Settings
+from app.errors import ModelMismatch
+from index.collection import CollectionPolicy, IndexedCollection
+from index.media import MediaStore
+from index.store import Kind, MetadataStore
+from index.vectors import IndexParams
+from models.encoder import Encoder
+from models.inputs.decode import decode_image
+
+log = logging.getLogger(__name__)
+
+
+class DataDirLocked(RuntimeError):
+    """Another xmodal process holds this data dir."""
+
+
+class DataDirLock:
+    """An exclusive flock on DATA_DIR/LOCK: one writer process per data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "LOCK"
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise DataDirLocked(
+                f"{self.path.parent} is in use by another xmodal process (a running server?). "
+                "Stop it, or send the work to it over HTTP (xmodal index/search --url URL)."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def collection_policy(settings: Settings) -> CollectionPolicy:
+    ix = settings.index
+    return CollectionPolicy(
+        kind=None if ix.kind == "auto" else ix.kind,
+        exact_max=ix.exact_max,
+        hnsw_max=ix.hnsw_max,
+        params=IndexParams(
+            hnsw_m=ix.hnsw_m,
+            hnsw_ef_search=ix.hnsw_ef_search,
+            hnsw_ef_construction=ix.hnsw_ef_construction,
+            ivf_nprobe=ix.ivf_nprobe,
+        ),
+        save_every_changes=ix.save_every_changes,
+    )
+
+
+@dataclass
+class Library:
+    """The data dir opened for one model: store, media and the two indexed collections."""
+
+    settings: Settings
+    encoder: Encoder
+    store: MetadataStore
+    media: MediaStore
+    images: IndexedCollection
+    texts: IndexedCollection
+    lock: DataDirLock
+    # Serialises (media file, SQLite row) pairs of writes against deletes of the same content.
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, settings: Settings, encoder: Encoder, *, lock: bool = True) -> Library:
+        data_dir = settings.data_dir
+        dir_lock = DataDirLock(data_dir)
+        if lock:
+            dir_lock.acquire()
+        try:
+            store = MetadataStore(data_dir / "xmodal.sqlite3")
+            media = MediaStore(data_dir)
+            if lock:
+                # Only the process that owns the data dir may sweep another's uploads.
+                media.clean_temp()
+                _sweep_after_crash(store, media)
+            _check_model(store, encoder, reembed=settings.reembed_on_model_change and lock)
+            policy = collection_policy(settings)
+            common: dict[str, Any] = {
+                "dim": encoder.dim,
+                "fingerprint": encoder.fingerprint,
+                "policy": policy,
+            }
+            images = IndexedCollection(
+                store, "image", data_dir / "indexes" / "images.faiss", **common
+            )
+            texts = IndexedCollection(store, "text", data_dir / "indexes" / "texts.faiss", **common)
+            library = cls(settings, encoder, store, media, images, texts, dir_lock)
+            if store.get_meta("model_fingerprint") != encoder.fingerprint:
+                library.reembed_all()
+            images.open()
+            texts.open()
+        except BaseException:
+            dir_lock.release()
+            raise
+        return library
+
+    def reembed_all(self) -> None:
+        _reembed_everything(self)
+        self.store.set_meta("model_fingerprint", self.encoder.fingerprint)
+        self.store.set_meta("model_name", self.encoder.name)
+        self.store.set_meta("dim", str(self.encoder.dim))
+        for path in (self.images.index_path, self.texts.index_path):
+            path.unlink(missing_ok=True)
+
+    def save(self) -> None:
+        self.images.save()
+        self.texts.save()
+
+    def close(self) -> None:
+        for collection in (self.images, self.texts):
+            collection.wait_for_rebuild()
+        self.save()
+        if self.lock.held:
+            _mark_clean_shutdown(self.store, True)
+        self.store.close()
+        self.lock.release()
+
+
+CLEAN_SHUTDOWN = "clean_shutdown"
+
+
+def _mark_clean_shutdown(store: MetadataStore, clean: bool) -> None:
+    # Only a hint for the next start: a full disk must not stop a start or a close over it.
+    try:
+        store.set_meta(CLEAN_SHUTDOWN, "1" if clean else "0")
+    except sqlite3.Error as exc:
+        log.warning("could not record the shutdown state (%s); the next start sweeps media", exc)
+
+
+def _sweep_after_crash(store: MetadataStore, media: MediaStore) -> None:
+    """After a crash, remove media files no row points at. Skipped after a clean shutdown,
+    since walking every file of a large collection at each start costs seconds."""
+    if store.get_meta(CLEAN_SHUTDOWN) != "1" and any(media.media.iterdir()):
+        removed = media.sweep_orphans(store.all_shas("image"))
+        if removed:
+            log.warning("removed %d media files left without a row by an earlier crash", removed)
+    _mark_clean_shutdown(store, False)
+
+
+def _check_model(store: MetadataStore, encoder: Encoder, *, reembed: bool) -> None:
+    stored = store.get_meta("model_fingerprint")
+    if stored is None or stored == encoder.fingerprint:
+        if stored is None:
+            store.set_meta("model_fingerprint", encoder.fingerprint)
+            store.set_meta("model_name", encoder.name)
+            store.set_meta("dim", str(encoder.dim))
+        return
+    if store.count("image") + store.count("text") == 0:
+        return  # nothing embedded yet: adopt the new model (re-embed is a no-op)
+    if not reembed:
+        raise ModelMismatch(
+            f"the data dir was embedded with model {store.get_meta('model_name')} "
+            f"(fingerprint {stored}), but the loaded model is {encoder.name} (fingerprint "
+            f"{encoder.fingerprint}). Vectors of different models are never mixed: start with "
+            "the original model, use another --data-dir, or re-embed everything with "
+            "--reembed (XMODAL_REEMBED_ON_MODEL_CHANGE=true)."
+        )
+
+
+def _reembed_everything(library: Library, batch: int = 64) -> None:
+    """Re-embed every stored image and text with the loaded model (after a model change)."""
+    encoder = library.encoder
+    store = library.store
+    log.warning("re-embedding the whole collection with %s", encoder.name)
+    kinds: tuple[Kind, ...] = ("image", "text")
+    for kind in kinds:
+        after = 0
+        while True:
+            rows = store.list_items(kind, after_id=after, limit=batch)
+            if not rows:
+                break
+            if kind == "image":
+                pixels = []
+                for row in rows:
+                    path = library.media.path_of(row.media_path or "")
+                    decoded = decode_image(path, max_pixels=1 << 62, draft_px=encoder.image_size)
+                    pixels.append(encoder.preprocess_image(decoded.image))
+                vectors = encoder.encode_images(pixels)
+            else:
+                vectors = encoder.encode_texts([row.text or "" for row in rows])
+            store.replace_embeddings(kind, [r.id for r in rows], vectors)
+            after = rows[-1].id
