@@ -98,37 +98,35 @@ _ITEM_COLUMNS = (
 )
 
 
+# The columns an item keeps beside its id, creation time, metadata and embedding.
+_PLAIN_FIELDS = (
+    "kind",
+    "sha256",
+    "text",
+    "media_path",
+    "mime",
+    "width",
+    "height",
+    "bytes",
+    "filename",
+)
+
+
 def _row_to_item(row: sqlite3.Row) -> StoredItem:
     return StoredItem(
         id=row["id"],
-        kind=row["kind"],
-        sha256=row["sha256"],
         metadata=json.loads(row["metadata"]),
         created=row["created"],
-        text=row["text"],
-        media_path=row["media_path"],
-        mime=row["mime"],
-        width=row["width"],
-        height=row["height"],
-        bytes=row["bytes"],
-        filename=row["filename"],
+        **{name: row[name] for name in _PLAIN_FIELDS},
     )
 
 
 def _stored(item_id: int, item: NewItem, created: float) -> StoredItem:
     return StoredItem(
         id=item_id,
-        kind=item.kind,
-        sha256=item.sha256,
         metadata=item.metadata,
         created=created,
-        text=item.text,
-        media_path=item.media_path,
-        mime=item.mime,
-        width=item.width,
-        height=item.height,
-        bytes=item.bytes,
-        filename=item.filename,
+        **{name: getattr(item, name) for name in _PLAIN_FIELDS},
     )
 
 
