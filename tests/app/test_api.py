@@ -35,7 +35,8 @@ def test_upload_list_get_content_thumbnail(client: TestClient) -> None:
     assert item["width"] == 640 and item["height"] == 480
     assert item["mime"] == "image/jpeg" and item["duplicate"] is False
     assert item["filename"] == "passwd.jpg"  # a label only; never a path on disk
-    assert item["metadata"] == {"album": "trip"}
+    # The width and height read from the file join the metadata (filterable reserved fields).
+    assert item["metadata"] == {"album": "trip", "width": 640, "height": 480}
 
     listed = client.get("/v1/images").json()
     assert listed["total"] == 1 and listed["items"][0]["id"] == item["id"]
