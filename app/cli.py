@@ -147,7 +147,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         from app.client import XmodalClient
 
         with XmodalClient(args.url, api_key=args.api_key) as client:
-            hits = client.search_text(args.query, k=args.k)
+            hits = client.search_text(args.query, k=args.k, min_score=args.min_score)
         results = [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]
     else:
         from app.library import Library
@@ -168,7 +168,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     "metadata": items[h.id].metadata,
                 }
                 for h in found
-                if h.id in items
+                if h.id in items and (args.min_score is None or h.score >= args.min_score)
             ]
         finally:
             library.store.close()
@@ -262,6 +262,13 @@ class _TrainHelp(_HelpWithDefaults):
         return text
 
 
+def _min_score(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be between -1 and 1 (a cosine similarity)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -300,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("query", help="the text to search images with")
     search.add_argument("--k", type=int, default=10, help="results to return")
+    search.add_argument(
+        "--min-score",
+        type=_min_score,
+        help="drop results whose cosine score is below this (-1..1)",
+    )
     search.add_argument("--data-dir", type=Path, help="data dir to read (else XMODAL_DATA_DIR)")
     search.add_argument("--url", help="ask a running server instead of a data dir")
     search.add_argument("--api-key", help="the server's API key, with --url")
