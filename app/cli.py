@@ -16,7 +16,10 @@ from typing import Any
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model (unset: the XMODAL_MODEL__* settings)")
+    group = parser.add_argument_group(
+        "model (unset: the XMODAL_MODEL__* settings, else the model the data dir was embedded "
+        "with, else ViT-B-32)"
+    )
     group.add_argument("--model", help="open_clip architecture, or xmodal-tiny")
     group.add_argument("--pretrained", help="pretrained tag, local weights file, or none")
     group.add_argument("--checkpoint", type=Path, help="checkpoint written by `xmodal train`")
@@ -113,12 +116,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"uploaded {count} files to {args.url}")
         return 0
 
-    from app.library import Library
+    from app.library import Library, with_remembered_model
+    from app.runtime import encoder_spec
     from app.services.bulk import index_paths
     from models.factory import load_encoder
 
-    settings = _settings(args)
-    encoder = load_encoder(_encoder_spec(args))
+    settings = with_remembered_model(_settings(args))
+    encoder = load_encoder(encoder_spec(settings))
     library = Library.open(settings, encoder)
     try:
         report = index_paths(
@@ -150,11 +154,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             hits = client.search_text(args.query, k=args.k, min_score=args.min_score)
         results = [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]
     else:
-        from app.library import Library
+        from app.library import Library, with_remembered_model
+        from app.runtime import encoder_spec
         from models.factory import load_encoder
 
-        settings = _settings(args)
-        encoder = load_encoder(_encoder_spec(args))
+        settings = with_remembered_model(_settings(args))
+        encoder = load_encoder(encoder_spec(settings))
         library = Library.open(settings, encoder, lock=False)
         try:
             vector = encoder.encode_texts([args.query])
