@@ -346,8 +346,12 @@ class Page:
     total: int
 
 
-async def list_items(backend: Backend, kind: Kind, *, after: int, limit: int) -> Page:
+async def list_items(
+    backend: Backend, kind: Kind, *, after: int, limit: int, newest_first: bool = False
+) -> Page:
     store = backend.library.store
-    rows = await to_thread.run_sync(lambda: store.list_items(kind, after_id=after, limit=limit))
+    rows = await to_thread.run_sync(
+        lambda: store.list_items(kind, after_id=after, limit=limit, newest_first=newest_first)
+    )
     total = await to_thread.run_sync(store.count, kind)
     return Page(rows, rows[-1].id if len(rows) == limit else None, total)
