@@ -232,23 +232,30 @@ def _remember_model(store: MetadataStore, settings: Settings, encoder: Encoder) 
         store.set_meta(MODEL_SPEC_KEY, value)
 
 
-def _describe(spec: dict[str, str | None]) -> str:
+def _describe(spec: dict[str, str | None], fingerprint: str | None = None) -> str:
+    """'xmodal-tiny (pretrained none, fingerprint f)' or 'checkpoint PATH (fingerprint f)'."""
     if spec.get("checkpoint"):
-        return f"checkpoint {spec['checkpoint']}"
-    return f"{spec.get('name')} (pretrained {spec.get('pretrained')})"
+        head, details = f"checkpoint {spec['checkpoint']}", []
+    else:
+        head, details = str(spec.get("name")), [f"pretrained {spec.get('pretrained')}"]
+    if fingerprint:
+        details.append(f"fingerprint {fingerprint}")
+    return f"{head} ({', '.join(details)})" if details else head
 
 
-def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int] | None:
-    """(the model spec a data dir recorded, how many items it holds), or None when it has
-    none; read-only, so it works beside a running server."""
+def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | None] | None:
+    """(the model spec a data dir recorded, how many items it holds, its model fingerprint), or
+    None when it has none; read-only, so it works beside a running server."""
     path = data_dir / "xmodal.sqlite3"
     if not path.is_file():
         return None
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (MODEL_SPEC_KEY,)).fetchone()
+            get = "SELECT value FROM meta WHERE key = ?"
+            row = db.execute(get, (MODEL_SPEC_KEY,)).fetchone()
             count = int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0]) if row else 0
+            fingerprint = db.execute(get, ("model_fingerprint",)).fetchone()
         finally:
             db.close()
         spec = json.loads(row[0]) if row else None
@@ -256,7 +263,8 @@ def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int] | None
         return None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         return None
-    return {k: spec.get(k) for k in _SPEC_FIELDS}, count
+    stored_fingerprint = str(fingerprint[0]) if fingerprint else None
+    return {k: spec.get(k) for k in _SPEC_FIELDS}, count, stored_fingerprint
 
 
 def with_remembered_model(settings: Settings) -> Settings:
@@ -266,7 +274,7 @@ def with_remembered_model(settings: Settings) -> Settings:
     found = remembered_model(settings.data_dir)
     if found is None:
         return settings
-    stored, count = found
+    stored, count, fingerprint = found
     given = settings.model.model_fields_set & set(_SPEC_FIELDS)
     if given:
         asked = _spec_of(settings)
@@ -276,7 +284,9 @@ def with_remembered_model(settings: Settings) -> Settings:
         if disagree:
             if count == 0 or settings.reembed_on_model_change:
                 return settings  # nothing to keep consistent, or a deliberate change
-            raise model_mismatch(_describe(stored), f"the options ask for {_describe(asked)}")
+            raise model_mismatch(
+                _describe(stored, fingerprint), f"the options ask for {_describe(asked)}"
+            )
     update: dict[str, str | Path | None] = {f: stored[f] for f in _SPEC_FIELDS if f not in given}
     if update.get("checkpoint") is not None:
         update["checkpoint"] = Path(str(update["checkpoint"]))

@@ -121,7 +121,7 @@ def test_data_dir_remembers_its_model(tmp_path: Path, capsys) -> None:  # type: 
     capsys.readouterr()
     assert main(["search", "q", "--data-dir", data, "--model", "ViT-B-32"]) == 2
     err = capsys.readouterr().err
-    assert "the data dir was embedded with model xmodal-tiny (pretrained none)" in err
+    assert "the data dir was embedded with model xmodal-tiny (pretrained none, fingerprint " in err
     assert "the options ask for ViT-B-32" in err
 
     # A server started without model options loads it too.
