@@ -16,7 +16,10 @@ from typing import Any
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model (unset: the XMODAL_MODEL__* settings)")
+    group = parser.add_argument_group(
+        "model (unset: the XMODAL_MODEL__* settings, else the model the data dir was embedded "
+        "with, else ViT-B-32)"
+    )
     group.add_argument("--model", help="open_clip architecture, or xmodal-tiny")
     group.add_argument("--pretrained", help="pretrained tag, local weights file, or none")
     group.add_argument("--checkpoint", type=Path, help="checkpoint written by `xmodal train`")
@@ -113,12 +116,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"uploaded {count} files to {args.url}")
         return 0
 
-    from app.library import Library
+    from app.library import Library, with_remembered_model
+    from app.runtime import encoder_spec
     from app.services.bulk import index_paths
     from models.factory import load_encoder
 
-    settings = _settings(args)
-    encoder = load_encoder(_encoder_spec(args))
+    settings = with_remembered_model(_settings(args))
+    encoder = load_encoder(encoder_spec(settings))
     library = Library.open(settings, encoder)
     try:
         report = index_paths(
@@ -147,14 +151,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         from app.client import XmodalClient
 
         with XmodalClient(args.url, api_key=args.api_key) as client:
-            hits = client.search_text(args.query, k=args.k)
+            hits = client.search_text(args.query, k=args.k, min_score=args.min_score)
         results = [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]
     else:
-        from app.library import Library
+        from app.library import Library, with_remembered_model
+        from app.runtime import encoder_spec
         from models.factory import load_encoder
 
-        settings = _settings(args)
-        encoder = load_encoder(_encoder_spec(args))
+        settings = with_remembered_model(_settings(args))
+        encoder = load_encoder(encoder_spec(settings))
         library = Library.open(settings, encoder, lock=False)
         try:
             vector = encoder.encode_texts([args.query])
@@ -168,7 +173,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     "metadata": items[h.id].metadata,
                 }
                 for h in found
-                if h.id in items
+                if h.id in items and (args.min_score is None or h.score >= args.min_score)
             ]
         finally:
             library.store.close()
@@ -262,6 +267,13 @@ class _TrainHelp(_HelpWithDefaults):
         return text
 
 
+def _min_score(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be between -1 and 1 (a cosine similarity)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -300,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("query", help="the text to search images with")
     search.add_argument("--k", type=int, default=10, help="results to return")
+    search.add_argument(
+        "--min-score",
+        type=_min_score,
+        help="drop results whose cosine score is below this (-1..1)",
+    )
     search.add_argument("--data-dir", type=Path, help="data dir to read (else XMODAL_DATA_DIR)")
     search.add_argument("--url", help="ask a running server instead of a data dir")
     search.add_argument("--api-key", help="the server's API key, with --url")

@@ -207,16 +207,19 @@ class XmodalClient:
 
     def search_text(
         self, query: str, *, k: int = 10, filter: dict[str, Any] | None = None,
-        rerank: bool = False, rerank_k: int | None = None,
+        rerank: bool = False, rerank_k: int | None = None, min_score: float | None = None,
     ) -> list[ImageResult]:  # fmt: skip
-        payload = {"query": query, "k": k, "filter": filter, "rerank": rerank, "rerank_k": rerank_k}
+        payload = {"query": query, "k": k, "filter": filter, "rerank": rerank, "rerank_k": rerank_k,
+                   "min_score": min_score}  # fmt: skip
         return _image_results(self._request("POST", "/v1/search/text", json=payload).json())
 
     def search_image(
         self, image: str | Path | bytes | None = None, *, image_id: int | None = None,
-        k: int = 10, filter: dict[str, Any] | None = None,
+        k: int = 10, filter: dict[str, Any] | None = None, min_score: float | None = None,
     ) -> list[ImageResult]:  # fmt: skip
-        data, files = _query_form(image, image_id, {"k": k, "filter": filter})
+        data, files = _query_form(
+            image, image_id, {"k": k, "filter": filter, "min_score": min_score}
+        )
         return _image_results(
             self._request("POST", "/v1/search/image", data=data, files=files).json()
         )
@@ -224,8 +227,10 @@ class XmodalClient:
     def search_image_to_text(
         self, image: str | Path | bytes | None = None, *, image_id: int | None = None,
         k: int = 10, rerank: bool = False, rerank_k: int | None = None,
+        min_score: float | None = None,
     ) -> list[TextResult]:  # fmt: skip
-        data, files = _query_form(image, image_id, {"k": k, "rerank": rerank, "rerank_k": rerank_k})
+        fields = {"k": k, "rerank": rerank, "rerank_k": rerank_k, "min_score": min_score}
+        data, files = _query_form(image, image_id, fields)
         response = self._request("POST", "/v1/search/image-to-text", data=data, files=files)
         return _text_results(response.json())
 
@@ -299,24 +304,29 @@ class AsyncXmodalClient:
 
     async def search_text(
         self, query: str, *, k: int = 10, filter: dict[str, Any] | None = None,
-        rerank: bool = False, rerank_k: int | None = None,
+        rerank: bool = False, rerank_k: int | None = None, min_score: float | None = None,
     ) -> list[ImageResult]:  # fmt: skip
-        payload = {"query": query, "k": k, "filter": filter, "rerank": rerank, "rerank_k": rerank_k}
+        payload = {"query": query, "k": k, "filter": filter, "rerank": rerank, "rerank_k": rerank_k,
+                   "min_score": min_score}  # fmt: skip
         return _image_results((await self._request("POST", "/v1/search/text", json=payload)).json())
 
     async def search_image(
         self, image: str | Path | bytes | None = None, *, image_id: int | None = None,
-        k: int = 10, filter: dict[str, Any] | None = None,
+        k: int = 10, filter: dict[str, Any] | None = None, min_score: float | None = None,
     ) -> list[ImageResult]:  # fmt: skip
-        data, files = _query_form(image, image_id, {"k": k, "filter": filter})
+        data, files = _query_form(
+            image, image_id, {"k": k, "filter": filter, "min_score": min_score}
+        )
         response = await self._request("POST", "/v1/search/image", data=data, files=files)
         return _image_results(response.json())
 
     async def search_image_to_text(
         self, image: str | Path | bytes | None = None, *, image_id: int | None = None,
         k: int = 10, rerank: bool = False, rerank_k: int | None = None,
+        min_score: float | None = None,
     ) -> list[TextResult]:  # fmt: skip
-        data, files = _query_form(image, image_id, {"k": k, "rerank": rerank, "rerank_k": rerank_k})
+        fields = {"k": k, "rerank": rerank, "rerank_k": rerank_k, "min_score": min_score}
+        data, files = _query_form(image, image_id, fields)
         response = await self._request("POST", "/v1/search/image-to-text", data=data, files=files)
         return _text_results(response.json())
 

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     # On a model change over an existing data dir: refuse (default) or re-embed everything.
     reembed_on_model_change: bool = False
     thumbnail_px: int = Field(256, ge=16, le=2048)
+    # Store the GPS position read from a photo's EXIF as metadata field `gps` (filterable,
+    # returned to every client). Off: the position is left out of the metadata; the original
+    # file, served as uploaded, still carries its EXIF.
+    store_gps: bool = True
     log_level: str = "info"
 
     model: ModelSettings = Field(default_factory=ModelSettings)

@@ -3,12 +3,14 @@ indexed collections (images, texts).
 
 Opening checks the stored model fingerprint against the loaded model (refusing, or re-embedding
 everything when asked), and after an unclean shutdown removes media files that no row points
-at. SQLite is the source of truth; the FAISS indexes are caches caught up from its change log.
+at. The data dir remembers which model it was embedded with (name, pretrained tag or weights
+file, checkpoint): `with_remembered_model` fills model options left unset from it. SQLite is the source of truth; the FAISS indexes are caches caught up from its change log.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -112,6 +114,9 @@ class Library:
                 media.clean_temp()
                 _sweep_after_crash(store, media)
             _check_model(store, encoder, reembed=settings.reembed_on_model_change and lock)
+            if lock and store.get_meta("model_fingerprint") == encoder.fingerprint:
+                # Also records the model of a data dir made before it was remembered.
+                _remember_model(store, settings, encoder)
             policy = collection_policy(settings)
             common: dict[str, Any] = {
                 "dim": encoder.dim,
@@ -137,6 +142,7 @@ class Library:
         self.store.set_meta("model_fingerprint", self.encoder.fingerprint)
         self.store.set_meta("model_name", self.encoder.name)
         self.store.set_meta("dim", str(self.encoder.dim))
+        _remember_model(self.store, self.settings, self.encoder)
         for path in (self.images.index_path, self.texts.index_path):
             path.unlink(missing_ok=True)
 
@@ -186,13 +192,106 @@ def _check_model(store: MetadataStore, encoder: Encoder, *, reembed: bool) -> No
     if store.count("image") + store.count("text") == 0:
         return  # nothing embedded yet: adopt the new model (re-embed is a no-op)
     if not reembed:
-        raise ModelMismatch(
-            f"the data dir was embedded with model {store.get_meta('model_name')} "
-            f"(fingerprint {stored}), but the loaded model is {encoder.name} (fingerprint "
-            f"{encoder.fingerprint}). Vectors of different models are never mixed: start with "
-            "the original model, use another --data-dir, or re-embed everything with "
-            "--reembed (XMODAL_REEMBED_ON_MODEL_CHANGE=true)."
+        raise model_mismatch(
+            f"{store.get_meta('model_name')} (fingerprint {stored})",
+            f"the loaded model is {encoder.name} (fingerprint {encoder.fingerprint})",
         )
+
+
+def model_mismatch(stored: str, other: str) -> ModelMismatch:
+    return ModelMismatch(
+        f"the data dir was embedded with model {stored}, but {other}. Vectors of different "
+        "models are never mixed: start with the original model, use another --data-dir, or "
+        "re-embed everything with --reembed (XMODAL_REEMBED_ON_MODEL_CHANGE=true)."
+    )
+
+
+# -- the remembered model ------------------------------------------------------------------
+MODEL_SPEC_KEY = "model_spec"
+_SPEC_FIELDS = ("name", "pretrained", "checkpoint")
+
+
+def _spec_of(settings: Settings) -> dict[str, str | None]:
+    """The model options that decide the vectors, with files as absolute paths."""
+    m = settings.model
+    pretrained = m.pretrained
+    if Path(pretrained).is_file():
+        pretrained = str(Path(pretrained).resolve())
+    checkpoint = str(m.checkpoint.resolve()) if m.checkpoint is not None else None
+    return {"name": m.name, "pretrained": pretrained, "checkpoint": checkpoint}
+
+
+def _remember_model(store: MetadataStore, settings: Settings, encoder: Encoder) -> None:
+    """Record the model options the data dir is embedded with, once they are known to be the
+    loaded model's (an encoder handed in by a caller may not come from `settings.model`)."""
+    spec = _spec_of(settings)
+    if spec["checkpoint"] is None and spec["name"] != encoder.name:
+        return
+    value = json.dumps(spec, sort_keys=True)
+    if store.get_meta(MODEL_SPEC_KEY) != value:
+        store.set_meta(MODEL_SPEC_KEY, value)
+
+
+def _describe(spec: dict[str, str | None], fingerprint: str | None = None) -> str:
+    """'xmodal-tiny (pretrained none, fingerprint f)' or 'checkpoint PATH (fingerprint f)'."""
+    if spec.get("checkpoint"):
+        head, details = f"checkpoint {spec['checkpoint']}", []
+    else:
+        head, details = str(spec.get("name")), [f"pretrained {spec.get('pretrained')}"]
+    if fingerprint:
+        details.append(f"fingerprint {fingerprint}")
+    return f"{head} ({', '.join(details)})" if details else head
+
+
+def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | None] | None:
+    """(the model spec a data dir recorded, how many items it holds, its model fingerprint), or
+    None when it has none; read-only, so it works beside a running server."""
+    path = data_dir / "xmodal.sqlite3"
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            get = "SELECT value FROM meta WHERE key = ?"
+            row = db.execute(get, (MODEL_SPEC_KEY,)).fetchone()
+            count = int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0]) if row else 0
+            fingerprint = db.execute(get, ("model_fingerprint",)).fetchone()
+        finally:
+            db.close()
+        spec = json.loads(row[0]) if row else None
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        return None
+    stored_fingerprint = str(fingerprint[0]) if fingerprint else None
+    return {k: spec.get(k) for k in _SPEC_FIELDS}, count, stored_fingerprint
+
+
+def with_remembered_model(settings: Settings) -> Settings:
+    """Settings whose model options left unset (flags and XMODAL_MODEL__*) are those the data
+    dir recorded. Options given that disagree with it raise the model-mismatch error, before
+    any weights are loaded, unless the data dir is still empty or re-embedding is asked for."""
+    found = remembered_model(settings.data_dir)
+    if found is None:
+        return settings
+    stored, count, fingerprint = found
+    given = settings.model.model_fields_set & set(_SPEC_FIELDS)
+    if given:
+        asked = _spec_of(settings)
+        disagree = any(asked[f] != stored[f] for f in given) or (
+            "checkpoint" not in given and stored["checkpoint"] is not None
+        )
+        if disagree:
+            if count == 0 or settings.reembed_on_model_change:
+                return settings  # nothing to keep consistent, or a deliberate change
+            raise model_mismatch(
+                _describe(stored, fingerprint), f"the options ask for {_describe(asked)}"
+            )
+    update: dict[str, str | Path | None] = {f: stored[f] for f in _SPEC_FIELDS if f not in given}
+    if update.get("checkpoint") is not None:
+        update["checkpoint"] = Path(str(update["checkpoint"]))
+    model = settings.model.model_copy(update=update)
+    return settings.model_copy(update={"model": model})
 
 
 def _reembed_everything(library: Library, batch: int = 64) -> None:

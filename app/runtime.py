@@ -23,7 +23,7 @@ from anyio import to_thread
 from app.batching import DynamicBatcher
 from app.config import Settings
 from app.errors import NotReady
-from app.library import Library
+from app.library import Library, with_remembered_model
 from app.metrics import INDEX_SIZE
 from app.services import forward_passes
 from index.vectors import set_search_threads
@@ -106,6 +106,8 @@ class Runtime:
         try:
             set_search_threads(self.settings.index.search_threads)
             if encoder is None:
+                # Model options left unset: the model the data dir was embedded with.
+                self.settings = with_remembered_model(self.settings)
                 encoder = await to_thread.run_sync(load_encoder, encoder_spec(self.settings))
             library = await to_thread.run_sync(Library.open, self.settings, encoder)
             await to_thread.run_sync(self._warm_up, encoder)

@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 FilterSpec = dict[str, Any]
 HARD_MAX_K = 10_000
 HARD_MAX_QUERY = 10_000
+MIN_SCORE_HELP = (
+    "drop results whose cosine similarity `score` is below this, in [-1, 1]; applied after "
+    "re-ranking, still on `score` (not `rerank_score`)"
+)
 
 
 class ErrorDetail(BaseModel):
@@ -83,6 +87,7 @@ class TextSearch(BaseModel):
     )
     rerank: bool = False
     rerank_k: int | None = Field(None, ge=1, le=1024, description="candidates to re-rank")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description=MIN_SCORE_HELP)
 
 
 class ImageHit(BaseModel):

@@ -4,7 +4,9 @@ A filter is a JSON object of conditions that must all hold:
     {"album": "paris"}                     equality
     {"year": {"$gte": 2019, "$lt": 2024}}  ranges: $gt $gte $lt $lte
     {"tag": {"$in": ["cat", "dog"]}}       membership; $ne and $exists too
-Values are strings, numbers or booleans. Keys are plain names (letters, digits, _ and -; no dots, so a key never reaches into nested JSON).
+    {"gps.lat": {"$gte": 48.5}}            one level into an object field (the photo's `gps`)
+Values are strings, numbers or booleans. Keys are plain names (letters, digits, _ and -), or two
+of them joined by one dot to reach a field of an object; each part is quoted in the JSON path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 from typing import Any
 
 FilterValue = str | int | float | bool
-_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_\-]{1,64})?$")
 _OPS = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 MAX_CONDITIONS = 32
 MAX_IN_VALUES = 256
@@ -54,7 +56,7 @@ def compile_filter(filter_: dict[str, Any] | None) -> tuple[str, list[Any]]:
     for key, cond in filter_.items():
         if not isinstance(key, str) or not _KEY.match(key):
             raise FilterError(f"filter key {key!r} must match {_KEY.pattern}")
-        path = f'$."{key}"'
+        path = "$." + ".".join(f'"{part}"' for part in key.split("."))
         field = "json_extract(metadata, ?)"
         if not isinstance(cond, dict):
             value = _check_scalar(key, cond)

@@ -19,6 +19,8 @@ EXTENSION_BY_MIME = {
     "image/webp": ".webp",
     "image/bmp": ".bmp",
     "image/tiff": ".tif",
+    "image/avif": ".avif",
+    "image/heic": ".heic",
 }
 
 

@@ -304,10 +304,19 @@ class MetadataStore:
             ).fetchone()
         return None if row is None else np.frombuffer(row["embedding"], dtype=np.float32).copy()
 
-    def list_items(self, kind: Kind, *, after_id: int = 0, limit: int = 50) -> list[StoredItem]:
+    def list_items(
+        self, kind: Kind, *, after_id: int = 0, limit: int = 50, newest_first: bool = False
+    ) -> list[StoredItem]:
+        """A page in id order (ids are never reused, so id order is upload order). `after_id`
+        is the last id of the previous page, 0 for the first, in either direction."""
+        if newest_first:
+            where, order = ("id < ?", "DESC") if after_id > 0 else ("id > ?", "DESC")
+        else:
+            where, order = "id > ?", "ASC"
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND {where} "
+                f"ORDER BY id {order} LIMIT ?",
                 (kind, after_id, limit),
             ).fetchall()
         return [_row_to_item(r) for r in rows]

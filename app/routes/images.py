@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
@@ -33,9 +33,16 @@ async def upload_images(
 async def list_images(
     backend: BackendDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    after: Annotated[int, Query(ge=0, description="id to start after")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=2**63 - 1, description="next_after of the previous page; 0: first")
+    ] = 0,
+    order: Annotated[
+        Literal["oldest", "newest"], Query(description="upload order: oldest or newest first")
+    ] = "oldest",
 ) -> ImageList:
-    page = await items.list_items(backend, "image", after=after, limit=limit)
+    page = await items.list_items(
+        backend, "image", after=after, limit=limit, newest_first=order == "newest"
+    )
     return ImageList(
         items=[image_item(r) for r in page.items], next_after=page.next_after, total=page.total
     )

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from app.deps import BackendDep
 from app.routes.bodies import image_hit, text_hit
 from app.routes.common import ERROR_RESPONSES, parse_filter, spool_all
-from app.schemas import HARD_MAX_K, ImageResults, TextResults, TextSearch
+from app.schemas import HARD_MAX_K, MIN_SCORE_HELP, ImageResults, TextResults, TextSearch
 from app.services import search as search_service
 from app.services.items import UploadSource
 
@@ -19,6 +19,7 @@ KForm = Annotated[int, Form(ge=1, le=HARD_MAX_K)]
 FilterForm = Annotated[str | None, Form(description="JSON object of metadata conditions")]
 FileForm = Annotated[UploadFile | None, File(description="the query image")]
 ImageIdForm = Annotated[int | None, Form(ge=1, description="a stored image as the query")]
+MinScoreForm = Annotated[float | None, Form(ge=-1.0, le=1.0, description=MIN_SCORE_HELP)]
 
 
 async def _source(backend: BackendDep, file: UploadFile | None) -> UploadSource | None:
@@ -36,6 +37,7 @@ async def search_text(backend: BackendDep, body: TextSearch) -> ImageResults:
         filter_=body.filter,
         rerank=body.rerank,
         rerank_k=body.rerank_k,
+        min_score=body.min_score,
     )
     return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
 
@@ -47,10 +49,16 @@ async def search_image(
     image_id: ImageIdForm = None,
     k: KForm = 10,
     filter: FilterForm = None,
+    min_score: MinScoreForm = None,
 ) -> ImageResults:
     filter_ = parse_filter(filter)
     outcome = await search_service.search_by_image(
-        backend, source=await _source(backend, file), image_id=image_id, k=k, filter_=filter_
+        backend,
+        source=await _source(backend, file),
+        image_id=image_id,
+        k=k,
+        filter_=filter_,
+        min_score=min_score,
     )
     return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
 
@@ -64,6 +72,7 @@ async def search_image_to_text(
     filter: FilterForm = None,
     rerank: Annotated[bool, Form()] = False,
     rerank_k: Annotated[int | None, Form(ge=1, le=1024)] = None,
+    min_score: MinScoreForm = None,
 ) -> TextResults:
     filter_ = parse_filter(filter)
     outcome = await search_service.search_texts_by_image(
@@ -74,5 +83,6 @@ async def search_image_to_text(
         filter_=filter_,
         rerank=rerank,
         rerank_k=rerank_k,
+        min_score=min_score,
     )
     return TextResults(results=[text_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)

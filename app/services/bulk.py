@@ -32,7 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from app.library import Library
 from app.paths import images_under
-from app.services.items import ImageToStore, commit_images, commit_texts, text_sha256
+from app.services.items import (
+    ImageToStore,
+    commit_images,
+    commit_texts,
+    text_sha256,
+    with_photo_fields,
+)
 from index.media import file_sha256
 from index.store import NewItem
 from models.encoder import Encoder
@@ -95,6 +101,7 @@ class _Decoded:
     height: int
     size: int
     error: str | None
+    photo: dict[str, Any] = field(default_factory=dict)  # read from the file's header
     # Set instead of pixels/thumbnail when the main process decodes this JPEG on the device.
     jpeg: bytes | None = None
 
@@ -147,7 +154,7 @@ class _ImageFiles(Dataset[_Decoded]):
                 ):
                     return _Decoded(
                         position, None, b"", header.mime, header.width, header.height, size,
-                        None, jpeg=data,
+                        None, header.photo, jpeg=data,
                     )  # fmt: skip
                 source = data  # read once: decode these bytes on the CPU below
             return _decode_on_cpu(
@@ -182,6 +189,7 @@ def _decode_on_cpu(
         decoded.height,
         size,
         None,
+        decoded.photo,
     )
 
 
@@ -369,6 +377,7 @@ def _commit_batch(
         meta = {**metadata, "source": path.name}
         if caption:
             meta["caption"] = caption
+        meta = with_photo_fields(d.photo, meta, store_gps=library.settings.store_gps)
         images.append(
             ImageToStore(
                 source=path,

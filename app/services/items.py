@@ -63,6 +63,7 @@ class PreparedImage:
     width: int
     height: int
     size: int
+    photo: dict[str, Any]  # the reserved fields read from the file (models.inputs.exif)
 
 
 @dataclass
@@ -113,7 +114,18 @@ def prepare_image(library: Library, source: UploadSource) -> PreparedImage:
         width=decoded.width,
         height=decoded.height,
         size=size,
+        photo=decoded.photo,
     )
+
+
+def with_photo_fields(
+    photo: dict[str, Any], metadata: dict[str, Any], *, store_gps: bool
+) -> dict[str, Any]:
+    """The stored metadata of one image: the fields read from the file (taken_at, camera, gps,
+    width, height) under the client's, which win on a conflict. `store_gps` False leaves out
+    the position read from the file (a `gps` the client sent itself is kept)."""
+    read = {k: v for k, v in photo.items() if store_gps or k != "gps"}
+    return {**read, **metadata}
 
 
 def parse_metadata(raw: str | None, max_bytes: int) -> dict[str, Any]:
@@ -245,7 +257,7 @@ async def add_images(
                 height=p.height,
                 size=p.size,
                 filename=clean_filename(p.source.filename),
-                metadata=metadata,
+                metadata=with_photo_fields(p.photo, metadata, store_gps=library.settings.store_gps),
                 vector=vectors.get(p.sha256),
                 pixels=None if p.sha256 in vectors else p.pixels,
             )
@@ -334,8 +346,12 @@ class Page:
     total: int
 
 
-async def list_items(backend: Backend, kind: Kind, *, after: int, limit: int) -> Page:
+async def list_items(
+    backend: Backend, kind: Kind, *, after: int, limit: int, newest_first: bool = False
+) -> Page:
     store = backend.library.store
-    rows = await to_thread.run_sync(lambda: store.list_items(kind, after_id=after, limit=limit))
+    rows = await to_thread.run_sync(
+        lambda: store.list_items(kind, after_id=after, limit=limit, newest_first=newest_first)
+    )
     total = await to_thread.run_sync(store.count, kind)
     return Page(rows, rows[-1].id if len(rows) == limit else None, total)

@@ -69,6 +69,15 @@ def _load_pixels(library: Library, items: list[StoredItem]) -> list[torch.Tensor
     return pixels
 
 
+def _cut(hits: list[Hit], k: int, min_score: float | None) -> list[Hit]:
+    """The first k hits (in their final order, re-ranked or not) whose cosine `score` reaches
+    `min_score`. Re-ranking reorders; the cut-off stays on `score`, which is comparable across
+    queries, while `rerank_score` is a probability of another scale."""
+    if min_score is not None:
+        hits = [h for h in hits if h.score >= min_score]
+    return hits[:k]
+
+
 def _rerank_budget(library: Library, k: int, rerank_k: int | None) -> int:
     limit = library.settings.limits.max_rerank_k
     return max(k, min(rerank_k or max(16, k), limit))
@@ -123,6 +132,7 @@ async def search_by_text(
     filter_: dict[str, Any] | None = None,
     rerank: bool = False,
     rerank_k: int | None = None,
+    min_score: float | None = None,
 ) -> SearchOutcome:
     started = time.perf_counter()
     library = backend.library
@@ -136,7 +146,7 @@ async def search_by_text(
     if reranker is not None and hits:
         pixels = await to_thread.run_sync(_load_pixels, library, [h.item for h in hits])
         await _rerank(reranker, hits, RerankJob([query], pixels))
-    return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
+    return SearchOutcome(_cut(hits, k, min_score), (time.perf_counter() - started) * 1000)
 
 
 async def search_by_image(
@@ -146,6 +156,7 @@ async def search_by_image(
     image_id: int | None,
     k: int,
     filter_: dict[str, Any] | None = None,
+    min_score: float | None = None,
 ) -> SearchOutcome:
     started = time.perf_counter()
     library = backend.library
@@ -153,7 +164,7 @@ async def search_by_image(
     vector, _, _ = await _query_image_vector(backend, source, image_id)
     found = await to_thread.run_sync(_search, library, library.images, vector, k, filter_)
     hits = [Hit(item, score) for item, score in found]
-    return SearchOutcome(hits, (time.perf_counter() - started) * 1000)
+    return SearchOutcome(_cut(hits, k, min_score), (time.perf_counter() - started) * 1000)
 
 
 async def search_texts_by_image(
@@ -165,6 +176,7 @@ async def search_texts_by_image(
     filter_: dict[str, Any] | None = None,
     rerank: bool = False,
     rerank_k: int | None = None,
+    min_score: float | None = None,
 ) -> SearchOutcome:
     started = time.perf_counter()
     library = backend.library
@@ -179,7 +191,7 @@ async def search_texts_by_image(
             assert item is not None
             pixels = (await to_thread.run_sync(_load_pixels, library, [item]))[0]
         await _rerank(reranker, hits, RerankJob([h.item.text or "" for h in hits], [pixels]))
-    return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
+    return SearchOutcome(_cut(hits, k, min_score), (time.perf_counter() - started) * 1000)
 
 
 async def embed_texts(backend: Backend, texts: list[str]) -> list[np.ndarray]:

@@ -1,4 +1,5 @@
-// xmodal web page: text and image search, image-to-text, bulk upload.
+// xmodal web page: text and image search, image-to-text, bulk upload, browsing the collection
+// (newest first) and a detail view per image (metadata, nearest texts, delete).
 // Plain ES module, no build step, no third-party code. Talks only to this server's /v1 API.
 // Server data is always inserted with textContent / attributes, never as HTML.
 
@@ -6,6 +7,9 @@ const KEY_STORAGE = "xmodal.apiKey";
 const UPLOAD_CONCURRENCY = 3;
 const TEXTS_PER_REQUEST = 100;
 const INFO_RETRY_MS = 3000;
+const DETAIL_TEXTS = 5;
+// Formats a browser shows itself; others (HEIC, TIFF) are shown through their JPEG thumbnail.
+const SHOWABLE = new Set(["image/jpeg", "image/png", "image/gif", "image/webp", "image/avif", "image/bmp"]);
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -24,6 +28,9 @@ const el = {
   rerankLabel: $("#rerank-label"),
   rerank: $("#rerank-toggle"),
   filter: $("#filter"),
+  takenFrom: $("#taken-from"),
+  takenTo: $("#taken-to"),
+  album: $("#album"),
   dropZone: $("#drop-zone"),
   imageInput: $("#image-input"),
   queryImage: $("#query-image"),
@@ -38,12 +45,26 @@ const el = {
   uploadInput: $("#upload-input"),
   uploadMetadata: $("#upload-metadata"),
   uploadSummary: $("#upload-summary"),
+  uploadProgress: $("#upload-progress"),
+  uploadFailuresBox: $("#upload-failures-box"),
+  uploadFailures: $("#upload-failures"),
   uploadList: $("#upload-list"),
   textsForm: $("#texts-form"),
   textsInput: $("#texts-input"),
   textsStatus: $("#texts-status"),
-  viewer: $("#viewer"),
-  viewerImg: $("#viewer-img"),
+  detail: $("#detail"),
+  detailTitle: $("#detail-title"),
+  detailClose: $("#detail-close"),
+  detailImg: $("#detail-img"),
+  detailNote: $("#detail-note"),
+  detailMeta: $("#detail-meta"),
+  detailTexts: $("#detail-texts"),
+  detailMore: $("#detail-more"),
+  detailOriginal: $("#detail-original"),
+  detailDelete: $("#detail-delete"),
+  detailConfirm: $("#detail-confirm"),
+  detailConfirmYes: $("#detail-confirm-yes"),
+  detailConfirmNo: $("#detail-confirm-no"),
   imageTpl: $("#image-result-tpl"),
   textTpl: $("#text-result-tpl"),
 };
@@ -60,6 +81,9 @@ const state = {
   queryPreviewUrl: null,
   keyPrompt: null, // one shared prompt for every request that got 401
   uploads: { queue: [], active: 0, total: 0, ok: 0, failed: 0 },
+  detail: null, // {id, name, seq} of the image the detail view shows
+  detailSeq: 0,
+  detailUrls: [], // object URLs of the detail view (revoked when it closes)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -81,8 +105,8 @@ function fallbackMessage(status) {
   switch (status) {
     case 401: return "An API key is needed to use this server.";
     case 404: return "Not found.";
-    case 413: return "The file is too large for this server.";
-    case 415: return "That file is not an image this server can read.";
+    case 413: return "Too large: the server refused a file or request of this size.";
+    case 415: return "Not an image this server can read (JPEG, PNG, GIF, WebP, AVIF, HEIC, BMP, TIFF).";
     case 422: return "The server could not use that input.";
     case 503: return "The server is busy or still starting.";
     default: return status >= 500 ? `Server error (${status}). Please try again.` : `Request failed (${status}).`;
@@ -314,16 +338,18 @@ function fillScores(node, r) {
 
 function fillMetadata(node, metadata) {
   const dl = node.querySelector(".metadata");
-  const entries = metadata && typeof metadata === "object" ? Object.entries(metadata) : [];
+  const all = metadata && typeof metadata === "object" ? Object.entries(metadata) : [];
+  // The size read from the file is for filters and the detail view, not for every card.
+  const entries = all.filter(([key]) => key !== "width" && key !== "height");
   if (!entries.length) {
     dl.remove();
     return;
   }
   for (const [key, value] of entries.slice(0, 8)) {
     const dt = document.createElement("dt");
-    dt.textContent = key;
+    dt.textContent = FACT_LABELS[key] || key;
     const dd = document.createElement("dd");
-    let text = typeof value === "string" ? value : JSON.stringify(value);
+    let text = formatValue(key, value);
     if (text.length > 120) text = text.slice(0, 119) + "…";
     dd.textContent = text;
     dd.title = text;
@@ -342,12 +368,12 @@ function imageResultNode(r) {
   link.href = url;
   link.target = "_blank";
   link.rel = "noopener";
-  link.setAttribute("aria-label", `Open full image: ${name}`);
+  link.setAttribute("aria-label", `Details of ${name}`);
   link.addEventListener("click", (ev) => {
-    // With an API key the plain link would answer 401: show the image in the page instead.
-    if (!state.apiKey || ev.ctrlKey || ev.metaKey || ev.shiftKey || ev.button !== 0) return;
+    // A modified click opens the original in a tab (without a key: with one it would be 401).
+    if (!state.apiKey && (ev.ctrlKey || ev.metaKey || ev.shiftKey || ev.button !== 0)) return;
     ev.preventDefault();
-    openViewer(url, name);
+    openDetail(id, name);
   });
   const img = node.querySelector(".thumb");
   img.alt = name;
@@ -396,13 +422,148 @@ function renderResults(items, kind, { append = false } = {}) {
   el.results.append(frag);
 }
 
-async function openViewer(url, name) {
+// ---------------------------------------------------------------------------------------------
+// Detail view: the image large, its metadata, its nearest texts, more like this, delete.
+
+const FACT_LABELS = { taken_at: "taken", gps: "position" };
+
+function formatValue(key, value) {
+  if (key === "gps" && value && typeof value === "object" && "lat" in value && "lon" in value) {
+    return `${Number(value.lat).toFixed(5)}, ${Number(value.lon).toFixed(5)}`;
+  }
+  if (key === "taken_at" && typeof value === "string") return value.replace("T", " ");
+  return typeof value === "string" ? value : JSON.stringify(value);
+}
+
+function addFact(dl, label, text) {
+  const dt = document.createElement("dt");
+  dt.textContent = label;
+  const dd = document.createElement("dd");
+  dd.textContent = text;
+  dl.append(dt, dd);
+}
+
+function fillDetailFacts(item) {
+  const dl = el.detailMeta;
+  dl.replaceChildren();
+  const meta = item.metadata && typeof item.metadata === "object" ? item.metadata : {};
+  if (item.width && item.height) addFact(dl, "size", `${item.width} × ${item.height}`);
+  if (typeof item.bytes === "number") addFact(dl, "file", `${formatBytes(item.bytes)}${item.mime ? `, ${item.mime}` : ""}`);
+  if (typeof item.created === "number") addFact(dl, "added", new Date(item.created * 1000).toLocaleString());
+  for (const [key, value] of Object.entries(meta)) {
+    if (key === "width" || key === "height") continue; // shown as size
+    addFact(dl, FACT_LABELS[key] || key, formatValue(key, value));
+  }
+}
+
+function detailObjectUrl(url) {
+  return fetch(url, { headers: authHeaders() }).then(async (res) => {
+    if (!res.ok) throw toApiError(res.status, await res.text(), res.headers.get("Retry-After"));
+    const objectUrl = URL.createObjectURL(await res.blob());
+    state.detailUrls.push(objectUrl);
+    return objectUrl;
+  });
+}
+
+async function fillDetailTexts(id, seq) {
+  el.detailTexts.replaceChildren();
+  const busy = document.createElement("li");
+  busy.className = "status";
+  busy.textContent = "Looking…";
+  el.detailTexts.append(busy);
+  const form = new FormData();
+  form.append("image_id", id);
+  form.append("k", String(DETAIL_TEXTS));
+  let items = [];
+  let note = "";
   try {
-    el.viewerImg.alt = name;
-    el.viewerImg.src = state.apiKey ? await authedObjectUrl(url) : url;
-    el.viewer.showModal();
+    items = (await api("/v1/search/image-to-text", { form })).results || [];
+    if (!items.length) note = "No texts in the collection yet.";
   } catch (err) {
+    note = err.message;
+  }
+  if (seq !== state.detailSeq) return;
+  el.detailTexts.replaceChildren();
+  for (const t of items) {
+    const li = document.createElement("li");
+    const text = document.createElement("span");
+    text.textContent = t.text ?? "";
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = ` ${formatScore(t.score)}`;
+    li.append(text, score);
+    el.detailTexts.append(li);
+  }
+  if (note) {
+    const li = document.createElement("li");
+    li.className = "status";
+    li.textContent = note;
+    el.detailTexts.append(li);
+  }
+}
+
+async function openDetail(id, name) {
+  const seq = ++state.detailSeq;
+  state.detail = { id, name };
+  el.detailTitle.textContent = name;
+  el.detailConfirm.hidden = true;
+  el.detailDelete.hidden = false;
+  el.detailMeta.replaceChildren();
+  el.detailNote.hidden = true;
+  el.detailImg.removeAttribute("src");
+  el.detailImg.alt = name;
+  if (!el.detail.open) el.detail.showModal();
+  const base = `/v1/images/${encodeURIComponent(id)}`;
+  fillDetailTexts(id, seq);
+  try {
+    const item = await api(base);
+    if (seq !== state.detailSeq) return;
+    fillDetailFacts(item);
+    const showable = SHOWABLE.has(item.mime);
+    const url = showable ? item.url || `${base}/content` : item.thumbnail_url || `${base}/thumbnail`;
+    if (!showable) {
+      el.detailNote.textContent = `Preview: the original (${item.mime || "unknown type"}) is not shown by browsers.`;
+      el.detailNote.hidden = false;
+    }
+    el.detailOriginal.hidden = Boolean(state.apiKey); // a plain link cannot send the key
+    el.detailOriginal.href = item.url || `${base}/content`;
+    el.detailImg.src = state.apiKey ? await detailObjectUrl(url) : url;
+  } catch (err) {
+    if (seq !== state.detailSeq) return;
+    closeDetail();
     showError(err);
+  }
+}
+
+function closeDetail() {
+  state.detailSeq++;
+  state.detail = null;
+  if (el.detail.open) el.detail.close();
+}
+
+function releaseDetail() {
+  for (const url of state.detailUrls) URL.revokeObjectURL(url);
+  state.detailUrls = [];
+  el.detailImg.removeAttribute("src");
+}
+
+async function deleteShown() {
+  const shown = state.detail;
+  if (!shown) return;
+  el.detailConfirmYes.disabled = true;
+  try {
+    await api(`/v1/images/${encodeURIComponent(shown.id)}`, { method: "DELETE" });
+    closeDetail();
+    for (const node of el.results.querySelectorAll(".result")) {
+      if (node.dataset.id === shown.id) node.remove();
+    }
+    setStatus(`Deleted ${shown.name}.`);
+    refreshInfo();
+  } catch (err) {
+    closeDetail();
+    showError(err);
+  } finally {
+    el.detailConfirmYes.disabled = false;
   }
 }
 
@@ -413,20 +574,45 @@ function readK() {
   return Number.parseInt(el.k.value, 10) || 24;
 }
 
-// The filter box: empty -> null, otherwise it must be a JSON object.
+// The day after an <input type="date"> value ("2023-12-31" -> "2024-01-01").
+function nextDay(day) {
+  const d = new Date(`${day}T00:00:00Z`);
+  d.setUTCDate(d.getUTCDate() + 1);
+  return d.toISOString().slice(0, 10);
+}
+
+// The date-range and album inputs as filter conditions (taken_at is an ISO 8601 string, so a
+// day range is [from, the day after to)).
+function quickFilter() {
+  const out = {};
+  const from = el.takenFrom.value;
+  const to = el.takenTo.value;
+  if (from || to) {
+    out.taken_at = {};
+    if (from) out.taken_at.$gte = from;
+    if (to) out.taken_at.$lt = nextDay(to);
+  }
+  const album = el.album.value.trim();
+  if (album) out.album = album;
+  return out;
+}
+
+// The filter box merged with the quick filters (which win on the same key); null when empty.
 function readFilter() {
   const raw = el.filter.value.trim();
-  if (!raw) return null;
-  let value;
-  try {
-    value = JSON.parse(raw);
-  } catch {
-    throw new ApiError(0, "client", "The metadata filter is not valid JSON.");
+  let value = {};
+  if (raw) {
+    try {
+      value = JSON.parse(raw);
+    } catch {
+      throw new ApiError(0, "client", "The metadata filter is not valid JSON.");
+    }
+    if (!value || typeof value !== "object" || Array.isArray(value)) {
+      throw new ApiError(0, "client", "The metadata filter must be a JSON object, e.g. {\"album\": \"trip\"}.");
+    }
   }
-  if (!value || typeof value !== "object" || Array.isArray(value)) {
-    throw new ApiError(0, "client", "The metadata filter must be a JSON object, e.g. {\"album\": \"trip\"}.");
-  }
-  return value;
+  const merged = { ...value, ...quickFilter() };
+  return Object.keys(merged).length ? merged : null;
 }
 
 function rerankOn() {
@@ -526,12 +712,12 @@ async function browse({ more = false } = {}) {
   if (more) {
     seq = state.viewSeq;
   } else {
-    seq = beginView({ kind: "browse" }, "Collection");
+    seq = beginView({ kind: "browse" }, "Collection, newest first");
     state.browseAfter = null;
     hideQueryPreview();
   }
   try {
-    const params = new URLSearchParams({ limit: String(readK()) });
+    const params = new URLSearchParams({ limit: String(readK()), order: "newest" });
     if (more && state.browseAfter !== null) params.set("after", String(state.browseAfter));
     const res = await api(`/v1/images?${params}`);
     if (seq !== state.viewSeq) return;
@@ -540,7 +726,10 @@ async function browse({ more = false } = {}) {
     state.browseAfter = res.next_after ?? null;
     el.loadMore.hidden = state.browseAfter === null;
     const total = typeof res.total === "number" ? res.total : items.length;
-    setStatus(total ? `${formatCount(total, "image")} in the collection` : "No images yet: add some below.");
+    const shown = el.results.childElementCount;
+    setStatus(total
+      ? `${shown < total ? `${shown.toLocaleString()} of ` : ""}${formatCount(total, "image")} in the collection`
+      : "No images yet: add some below.");
   } catch (err) {
     if (seq !== state.viewSeq) return;
     if (!more) {
@@ -665,8 +854,11 @@ function uploadRow(file) {
 function updateUploadSummary() {
   const u = state.uploads;
   const done = u.ok + u.failed;
+  el.uploadProgress.hidden = u.total === 0;
+  el.uploadProgress.max = Math.max(u.total, 1);
+  el.uploadProgress.value = done;
   if (done < u.total) {
-    el.uploadSummary.textContent = `Uploading… ${done} of ${u.total} done`;
+    el.uploadSummary.textContent = `Uploading… ${done} of ${u.total} done` + (u.failed ? `, ${u.failed} failed` : "");
   } else {
     el.uploadSummary.textContent =
       `${formatCount(u.total, "file")}: ${u.ok} indexed` + (u.failed ? `, ${u.failed} failed` : "");
@@ -683,7 +875,11 @@ function enqueueUploads(files) {
     return;
   }
   const u = state.uploads;
-  if (u.active === 0 && u.queue.length === 0) Object.assign(u, { total: 0, ok: 0, failed: 0 });
+  if (u.active === 0 && u.queue.length === 0) {
+    Object.assign(u, { total: 0, ok: 0, failed: 0 });
+    el.uploadFailures.replaceChildren();
+    el.uploadFailuresBox.hidden = true;
+  }
   for (const file of files) {
     const row = uploadRow(file);
     el.uploadList.prepend(row.li);
@@ -714,6 +910,11 @@ function uploadRefused(row, message) {
   row.progress.remove();
   row.msg.textContent = message;
   state.uploads.failed += 1;
+  // Failures are also listed together above the rows: in a batch of hundreds they stay in view.
+  const li = document.createElement("li");
+  li.textContent = message.startsWith(row.li.dataset.filename) ? message : `${row.li.dataset.filename}: ${message}`;
+  el.uploadFailures.append(li);
+  el.uploadFailuresBox.hidden = false;
 }
 
 async function uploadOne({ file, metadata, row }) {
@@ -808,6 +1009,11 @@ function wire() {
     if (state.view.kind === "text" || (state.view.kind === "image" && el.mode.value === "texts")) rerunView();
   });
   el.k.addEventListener("change", rerunView);
+  for (const input of [el.takenFrom, el.takenTo, el.album]) {
+    input.addEventListener("change", () => {
+      if (state.view.kind === "text" || (state.view.kind === "image" && el.mode.value === "images")) rerunView();
+    });
+  }
 
   el.imageInput.addEventListener("change", () => {
     const file = el.imageInput.files?.[0];
@@ -852,9 +1058,33 @@ function wire() {
   el.apiKeyCancel.addEventListener("click", () => settleKeyPrompt(null));
 
   el.errorClose.addEventListener("click", clearError);
-  el.viewer.addEventListener("click", (ev) => {
-    if (ev.target === el.viewer) el.viewer.close(); // click on the backdrop
+  el.detail.addEventListener("click", (ev) => {
+    if (ev.target === el.detail) closeDetail(); // click on the backdrop
   });
+  el.detail.addEventListener("close", () => {
+    state.detailSeq++;
+    state.detail = null;
+    releaseDetail();
+  });
+  el.detailClose.addEventListener("click", closeDetail);
+  el.detailMore.addEventListener("click", () => {
+    const shown = state.detail;
+    if (!shown) return;
+    closeDetail();
+    el.mode.value = "images";
+    runImageQuery({ imageId: shown.id, label: shown.name });
+  });
+  el.detailDelete.addEventListener("click", () => {
+    el.detailConfirm.hidden = false;
+    el.detailDelete.hidden = true;
+    el.detailConfirmNo.focus();
+  });
+  el.detailConfirmNo.addEventListener("click", () => {
+    el.detailConfirm.hidden = true;
+    el.detailDelete.hidden = false;
+    el.detailDelete.focus();
+  });
+  el.detailConfirmYes.addEventListener("click", deleteShown);
 }
 
 async function start() {

@@ -1,21 +1,36 @@
 """Image decoding: bytes in, an upright RGB picture out, with limits checked before decoding.
 
-Handles EXIF orientation, animated files (first frame), palette/alpha (composited on white),
-CMYK, 16-bit and float greyscale. Raises one of three errors a caller can map to a status.
+Formats: JPEG, PNG, GIF, WebP, BMP, TIFF, AVIF (Pillow itself) and HEIC/HEIF (through the
+`pillow-heif` plugin). The pixel count is read from the header and checked before any decoding,
+for every format. Handles EXIF orientation, animated files (first frame), palette/alpha
+(composited on white), CMYK, 16-bit and float greyscale. Raises one of three errors a caller can
+map to a status. The photo's own metadata (date taken, camera, GPS) comes with the header
+(`models.inputs.exif`).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}
+from models.inputs.exif import photo_fields
+
+try:  # HEIC/HEIF (iPhone photos); AVIF is Pillow's own
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:  # pragma: no cover - a declared dependency; HEIF is then refused (415)
+    HEIF_SUPPORTED = False
+
+ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO", "AVIF", "HEIF"}
+FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP, TIFF, AVIF, HEIC/HEIF"
 MIME_BY_FORMAT = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
@@ -24,7 +39,41 @@ MIME_BY_FORMAT = {
     "WEBP": "image/webp",
     "BMP": "image/bmp",
     "TIFF": "image/tiff",
+    "AVIF": "image/avif",
+    "HEIF": "image/heic",
 }
+# ISO-BMFF brands (bytes 8..12 after "ftyp") of the HEIF family, AVIF included.
+_HEIF_BRANDS = {
+    b"heic",
+    b"heix",
+    b"hevc",
+    b"hevx",
+    b"heim",
+    b"heis",
+    b"mif1",
+    b"msf1",
+    b"avif",
+    b"avis",
+}
+
+
+def _looks_like_image(head: bytes) -> bool:
+    """Whether the first bytes are those of a format we take, though the file cannot be opened:
+    a damaged HEIF/AVIF/WebP container is then a corrupt image (422), not an unknown type."""
+    heif = head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    return heif or webp
+
+
+def _head(fp: BinaryIO | Path) -> bytes:
+    try:
+        if isinstance(fp, Path):
+            with open(fp, "rb") as fh:
+                return fh.read(16)
+        fp.seek(0)
+        return fp.read(16)
+    except OSError:
+        return b""
 
 
 class ImageError(ValueError):
@@ -50,6 +99,8 @@ class DecodedImage:
     height: int
     format: str
     mime: str
+    # The reserved fields read from the file itself (`models.inputs.exif.photo_fields`).
+    photo: dict[str, Any] = field(default_factory=dict)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -85,6 +136,7 @@ class ImageHeader:
     height: int
     orientation: int  # EXIF orientation, 1 when absent or unreadable
     mode: str  # PIL mode of the stored pixels (RGB, L, CMYK, P, ...)
+    photo: dict[str, Any] = field(default_factory=dict)  # taken_at, camera, gps, width, height
 
 
 def _open_checked(fp: BinaryIO | Path, max_pixels: int) -> tuple[Image.Image, ImageHeader]:
@@ -95,9 +147,9 @@ def _open_checked(fp: BinaryIO | Path, max_pixels: int) -> tuple[Image.Image, Im
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except UnidentifiedImageError:
-        raise NotAnImage(
-            "not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)"
-        ) from None
+        if _looks_like_image(_head(fp)):
+            raise CorruptImage("image header could not be read (truncated or damaged)") from None
+        raise NotAnImage(f"not an image in a supported format ({FORMAT_NAMES})") from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -116,7 +168,11 @@ def _open_checked(fp: BinaryIO | Path, max_pixels: int) -> tuple[Image.Image, Im
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block must not sink an otherwise good image
         orientation = 1
-    return img, ImageHeader(fmt, MIME_BY_FORMAT[fmt], width, height, orientation, img.mode)
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    photo = photo_fields(img, *upright)
+    return img, ImageHeader(fmt, MIME_BY_FORMAT[fmt], width, height, orientation, img.mode, photo)
 
 
 def probe_image(source: bytes | Path | BinaryIO, *, max_pixels: int) -> ImageHeader:
@@ -152,7 +208,7 @@ def decode_image(
         raise CorruptImage(f"image is truncated or corrupt: {exc}") from None
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    return DecodedImage(rgb, width, height, fmt, header.mime)
+    return DecodedImage(rgb, width, height, fmt, header.mime, header.photo)
 
 
 def make_thumbnail(image: Image.Image, size_px: int, quality: int = 85) -> bytes:

@@ -35,7 +35,8 @@ def test_upload_list_get_content_thumbnail(client: TestClient) -> None:
     assert item["width"] == 640 and item["height"] == 480
     assert item["mime"] == "image/jpeg" and item["duplicate"] is False
     assert item["filename"] == "passwd.jpg"  # a label only; never a path on disk
-    assert item["metadata"] == {"album": "trip"}
+    # The width and height read from the file join the metadata (filterable reserved fields).
+    assert item["metadata"] == {"album": "trip", "width": 640, "height": 480}
 
     listed = client.get("/v1/images").json()
     assert listed["total"] == 1 and listed["items"][0]["id"] == item["id"]
@@ -246,3 +247,22 @@ def test_api_key_guards_v1(make_client: AppFactory) -> None:
     assert client.get("/v1/info", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/v1/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/healthz").status_code == 200  # ops endpoints stay open
+
+
+def test_list_newest_first_with_a_cursor(client: TestClient) -> None:
+    ids = _seed_collection(client, 5)
+    seen: list[int] = []
+    after = 0
+    while True:
+        page = client.get("/v1/images", params={"order": "newest", "limit": 2, "after": after})
+        body = page.json()
+        seen += [i["id"] for i in body["items"]]
+        assert body["total"] == 5
+        if body["next_after"] is None:
+            break
+        after = body["next_after"]
+    assert seen == sorted(ids, reverse=True)
+    oldest = client.get("/v1/images", params={"order": "oldest", "limit": 10}).json()
+    assert [i["id"] for i in oldest["items"]] == sorted(ids)
+    for bad in ({"order": "random"}, {"after": 2**63}, {"after": -1}):
+        assert client.get("/v1/images", params=bad).status_code == 422

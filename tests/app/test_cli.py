@@ -94,3 +94,37 @@ def test_help_shows_real_defaults_only(command: str, capsys: pytest.CaptureFixtu
     if command == "train":
         assert "--epochs EPOCHS passes over the CSV (default: 10)" in flat
         assert "--seed SEED same seed, same checkpoint (default: 0)" in flat
+
+
+def test_data_dir_remembers_its_model(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.main import create_app
+    from tests.conftest import wait_ready
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"p{i}.png").write_bytes(image_bytes(i))
+    data = str(tmp_path / "data")
+    assert main(["index", str(photos), "--data-dir", data, "--workers", "0", "--quiet", *TINY]) == 0
+    capsys.readouterr()
+
+    # No model options: the model the data dir was built with, not the default ViT-B-32.
+    assert main(["search", "a photo", "--json", "--data-dir", data, "--device", "cpu"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+    assert main(["index", str(photos), "--data-dir", data, "--workers", "0", "--quiet"]) == 0
+    assert "0 added, 3 already stored" in capsys.readouterr().out
+    # Options that agree are fine; options that disagree fail before loading any weights.
+    assert main(["search", "q", "--data-dir", data, "--model", "xmodal-tiny"]) == 0
+    capsys.readouterr()
+    assert main(["search", "q", "--data-dir", data, "--model", "ViT-B-32"]) == 2
+    err = capsys.readouterr().err
+    assert "the data dir was embedded with model xmodal-tiny (pretrained none, fingerprint " in err
+    assert "the options ask for ViT-B-32" in err
+
+    # A server started without model options loads it too.
+    with TestClient(create_app(Settings(data_dir=Path(data)))) as client:
+        wait_ready(client)
+        assert client.get("/v1/info").json()["model"]["name"] == "xmodal-tiny"

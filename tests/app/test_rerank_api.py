@@ -59,6 +59,14 @@ def test_rerank_orders_by_rerank_score(reranking_encoder: Encoder, tmp_path: Pat
         text_scores = [t["rerank_score"] for t in texts]
         assert len(texts) == 4 and text_scores == sorted(text_scores, reverse=True)
 
+        # min_score cuts on the cosine `score`, after re-ranking, keeping the re-ranked order.
+        every = client.post("/v1/search/text", json={**body, "k": 12}).json()["results"]
+        floor = sorted(r["score"] for r in every)[6]
+        cut = client.post("/v1/search/text", json={**body, "k": 12, "min_score": floor})
+        kept = cut.json()["results"]
+        assert [r["id"] for r in kept] == [r["id"] for r in every if r["score"] >= floor]
+        assert len(kept) == 6
+
         too_deep = client.post("/v1/search/text", json={**body, "rerank_k": 5000})
         assert too_deep.status_code == 422
 

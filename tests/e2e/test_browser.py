@@ -289,7 +289,7 @@ def test_search_by_chosen_and_dropped_file(
 
     page.locator("#query-image-clear").click()
     expect(page.locator("#query-image")).to_be_hidden()
-    expect(page.locator("#results-heading")).to_have_text("Collection")
+    expect(page.locator("#results-heading")).to_have_text("Collection, newest first")
 
 
 def test_upload_and_search_errors(
@@ -429,13 +429,15 @@ def test_api_key_asked_once(
     expect(page.locator("#results-heading")).to_contain_text("Images like")
     first = page.locator("#results .result").first
     expect(first.locator(".score")).to_have_text("score 1.000")
-    # The full image opens in the page (a plain link would answer 401).
+    # The detail view fetches the image with the key (a plain link would answer 401).
     first.locator(".thumb-link").click()
-    expect(page.locator("#viewer")).to_be_visible()
-    _wait_loaded(page, "#viewer-img")
-    _shot(page, "07-api-key-viewer", full_page=False)
+    expect(page.locator("#detail")).to_be_visible()
+    _wait_loaded(page, "#detail-img")
+    assert (page.locator("#detail-img").get_attribute("src") or "").startswith("blob:")
+    expect(page.locator("#detail-original")).to_be_hidden()
+    _shot(page, "07-api-key-detail", full_page=False)
     page.keyboard.press("Escape")
-    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.locator("#detail")).to_be_hidden()
 
     # The key lasts for the tab: a reload does not ask again.
     page.reload()
@@ -512,3 +514,276 @@ def test_phone_width_has_no_horizontal_scroll(
     page.emulate_media(color_scheme="dark")
     assert_fits()
     _shot(page, "08-phone-dark-error", full_page=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Managing a photo collection: browse, detail view, delete, filters, large uploads, messages.
+# On a server of their own (small upload limit), so the counts above stay as they are.
+
+PHOTO_LIMIT_BYTES = 60_000
+
+
+def _exif_photo(seed: int, fmt: str, taken: str | None, camera: str = "Pixel 7") -> bytes:
+    """A distinct photo in `fmt` whose EXIF says when (with a +02:00 offset) and with what;
+    an iPhone's also says where (the Eiffel tower)."""
+    import io
+
+    from PIL import Image
+    from PIL.TiffImagePlugin import IFDRational
+
+    picture = Image.open(io.BytesIO(image_bytes(seed, "PNG", (160, 120)))).convert("RGB")
+    exif = Image.Exif()
+    make, _, model = camera.partition(" ")
+    exif[0x010F], exif[0x0110] = ("Apple", camera) if camera.startswith("iPhone") else (make, model)
+    if taken:
+        exif.get_ifd(0x8769).update({0x9003: taken, 0x9011: "+02:00"})
+    if camera.startswith("iPhone"):
+        dms = lambda d, m, s: (IFDRational(d), IFDRational(m), IFDRational(s))  # noqa: E731
+        exif.get_ifd(0x8825).update({1: "N", 2: dms(48, 51, 29.76), 3: "E", 4: dms(2, 17, 40.2)})
+    out = io.BytesIO()
+    picture.save(out, format=fmt, exif=exif.tobytes(), quality=90)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo_server(
+    chromium: Browser, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        tmp_path_factory.mktemp("photo-server") / "data",
+        env={"XMODAL_LIMITS__MAX_UPLOAD_BYTES": str(PHOTO_LIMIT_BYTES)},
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _post_images(
+    server: ServerProcess, files: list[tuple[str, bytes]], meta: Any = None
+) -> list[int]:
+    response = httpx.post(
+        f"{server.url}/v1/images",
+        files=[("files", (name, data, "application/octet-stream")) for name, data in files],
+        data={"metadata": json.dumps(meta)} if meta else None,
+        timeout=120,
+    )
+    assert response.status_code == 201, response.text
+    return [int(item["id"]) for item in response.json()["items"]]
+
+
+@pytest.fixture(scope="module")
+def collection(photo_server: ServerProcess) -> dict[str, int]:
+    """14 photos: dated ones in albums "paris" (2023) and "home" (2019), a HEIC from an iPhone
+    with its GPS position, and undated ones; plus a few texts."""
+    ids: dict[str, int] = {}
+    paris = [
+        (f"paris{i}.jpg", _exif_photo(i, "JPEG", f"2023:07:{10 + i:02d} 12:00:00"))
+        for i in range(4)
+    ]
+    home = [
+        (f"home{i}.jpg", _exif_photo(10 + i, "JPEG", f"2019:03:0{1 + i} 09:30:00"))
+        for i in range(4)
+    ]
+    other = [(f"other{i}.png", image_bytes(40 + i)) for i in range(5)]
+    for files, meta in ((paris, {"album": "paris"}), (home, {"album": "home"}), (other, None)):
+        ids.update(zip([n for n, _ in files], _post_images(photo_server, files, meta), strict=True))
+    heic = _exif_photo(77, "HEIF", "2023:07:14 18:03:22", camera="iPhone 13 mini")
+    ids["iphone.heic"] = _post_images(photo_server, [("iphone.heic", heic)], {"album": "paris"})[0]
+    texts = ["a street in paris", "a quiet garden at home", "a red umbrella", "a tower at night"]
+    response = httpx.post(
+        f"{photo_server.url}/v1/texts", json={"items": [{"text": t} for t in texts]}, timeout=60
+    )
+    assert response.status_code == 201, response.text
+    return ids
+
+
+def test_browse_is_newest_first_and_paged(
+    open_page: Any, photo_server: ServerProcess, collection: dict[str, int]
+) -> None:
+    page = _open_ready(open_page, photo_server)
+    page.locator("#k").select_option("12")
+    expect(page.locator("#results-heading")).to_have_text("Collection, newest first")
+    results = page.locator("#results .result")
+    expect(results).to_have_count(12)
+    newest = sorted(collection.values(), reverse=True)
+    expect(results.first).to_have_attribute("data-id", str(newest[0]))
+    expect(page.locator("#status")).to_have_text(
+        f"12 of {len(collection)} images in the collection"
+    )
+    _wait_loaded(page, "#results .result:first-child img.thumb")
+    _shot(page, "09-browse-newest-first")
+    page.locator("#load-more").click()
+    expect(results).to_have_count(len(collection))
+    expect(page.locator("#load-more")).to_be_hidden()
+    shown = [results.nth(i).get_attribute("data-id") for i in range(len(collection))]
+    assert shown == [str(i) for i in newest]
+    expect(page.locator("#status")).to_have_text(f"{len(collection)} images in the collection")
+
+
+def test_detail_view_more_like_this_and_delete(
+    open_page: Any, photo_server: ServerProcess, collection: dict[str, int]
+) -> None:
+    page = _open_ready(open_page, photo_server)
+    heic_id = str(collection["iphone.heic"])
+    result = page.locator(f'#results .result[data-id="{heic_id}"]')
+    result.locator(".thumb-link").click()
+    detail = page.locator("#detail")
+    expect(detail).to_be_visible()
+    expect(page.locator("#detail-title")).to_have_text("iphone.heic")
+    meta = page.locator("#detail-meta")
+    expect(meta).to_contain_text("taken2023-07-14 18:03:22+02:00")
+    expect(meta).to_contain_text("cameraApple iPhone 13 mini")
+    expect(meta).to_contain_text("position48.85827, 2.29450")
+    expect(meta).to_contain_text("albumparis")
+    expect(meta).to_contain_text("image/heic")
+    # Browsers cannot show HEIC: the thumbnail stands in, and the page says so.
+    expect(page.locator("#detail-note")).to_contain_text("image/heic")
+    _wait_loaded(page, "#detail-img")
+    assert (page.locator("#detail-img").get_attribute("src") or "").endswith("/thumbnail")
+    expect(page.locator("#detail-texts li")).to_have_count(4)
+    _shot(page, "10-detail-heic", full_page=False)
+    page.keyboard.press("Escape")
+    expect(detail).to_be_hidden()
+
+    # A JPEG opens large, as the original; "More like this" searches with it.
+    jpeg_id = str(collection["paris2.jpg"])
+    page.locator(f'#results .result[data-id="{jpeg_id}"] .thumb-link').click()
+    expect(page.locator("#detail-title")).to_have_text("paris2.jpg")
+    _wait_loaded(page, "#detail-img")
+    assert (page.locator("#detail-img").get_attribute("src") or "").endswith("/content")
+    expect(page.locator("#detail-note")).to_be_hidden()
+    page.locator("#detail-more").click()
+    expect(detail).to_be_hidden()
+    expect(page.locator("#results-heading")).to_have_text("Images like paris2.jpg")
+    expect(page.locator("#results .result").first).to_have_attribute("data-id", jpeg_id)
+
+    # Delete asks first; "Keep it" keeps it, "Delete image" deletes it everywhere.
+    page.locator("#results .result").first.locator(".thumb-link").click()
+    expect(page.locator("#detail-title")).to_have_text("paris2.jpg")
+    page.locator("#detail-delete").click()
+    expect(page.locator("#detail-confirm")).to_be_visible()
+    expect(page.locator("#detail-confirm-no")).to_be_focused()
+    _shot(page, "11-detail-delete-confirm", full_page=False)
+    page.locator("#detail-confirm-no").click()
+    expect(page.locator("#detail-confirm")).to_be_hidden()
+    assert httpx.get(f"{photo_server.url}/v1/images/{jpeg_id}").status_code == 200
+    page.locator("#detail-delete").click()
+    page.locator("#detail-confirm-yes").click()
+    expect(detail).to_be_hidden()
+    expect(page.locator(f'#results .result[data-id="{jpeg_id}"]')).to_have_count(0)
+    expect(page.locator("#status")).to_have_text("Deleted paris2.jpg.")
+    expect(page.locator("#info")).to_contain_text(f"{len(collection) - 1} images")
+    assert httpx.get(f"{photo_server.url}/v1/images/{jpeg_id}").status_code == 404
+    del collection["paris2.jpg"]
+
+
+def test_date_range_and_album_filters(
+    open_page: Any, photo_server: ServerProcess, collection: dict[str, int]
+) -> None:
+    page = _open_ready(open_page, photo_server)
+
+    def names() -> list[str]:
+        return sorted(page.locator("#results .result .filename").all_inner_texts())
+
+    page.locator("#taken-from").fill("2023-01-01")
+    page.locator("#taken-to").fill("2023-12-31")
+    _text_search(page, "a photo")
+    paris = sorted(n for n in collection if n.startswith("paris") or n == "iphone.heic")
+    expect(page.locator("#results .result")).to_have_count(len(paris))
+    assert names() == paris
+    page.locator("#taken-from").fill("")
+    page.locator("#taken-to").fill("2019-03-02")
+    page.locator("#taken-to").dispatch_event("change")
+    expect(page.locator("#results .result")).to_have_count(2)
+    assert names() == ["home0.jpg", "home1.jpg"]
+    page.locator("#taken-to").fill("")
+    page.locator("#album").fill("home")
+    page.locator("#album").dispatch_event("change")
+    expect(page.locator("#results .result")).to_have_count(4)
+    assert names() == [f"home{i}.jpg" for i in range(4)]
+    _wait_loaded(page, "#results .result:first-child img.thumb")
+    _shot(page, "12-filters-album")
+
+
+def test_large_batch_upload_progress_and_errors(
+    open_page: Any, photo_server: ServerProcess, collection: dict[str, int]
+) -> None:
+    page = _open_ready(open_page, photo_server)
+    files = [
+        {"name": f"batch{i:02d}.png", "mimeType": "image/png", "buffer": image_bytes(100 + i)}
+        for i in range(36)
+    ]
+    files[5] = {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image at all"}
+    files[20] = {
+        "name": "cut.heic",
+        "mimeType": "image/heic",
+        "buffer": _exif_photo(5, "HEIF", None)[:200],
+    }
+    page.locator("#upload-input").set_input_files(files)  # type: ignore[arg-type]
+    # The page stays usable while the batch uploads: a search answers meanwhile.
+    _text_search(page, "during the upload")
+    expect(page.locator("#results .result").first).to_be_visible()
+    summary = page.locator("#upload-summary")
+    expect(summary).to_have_text("36 files: 34 indexed, 2 failed")
+    expect(page.locator("#upload-progress")).to_have_attribute("value", "36")
+    failures = page.locator("#upload-failures li")
+    expect(failures).to_have_count(2)
+    expect(failures.nth(0)).to_contain_text("notes.png")
+    expect(failures.nth(1)).to_contain_text("cut.heic")
+    expect(page.locator("#upload-failures")).to_contain_text("not an image in a supported format")
+    expect(page.locator("#upload-failures")).to_contain_text("truncated or damaged")
+    expect(page.locator("#info")).to_contain_text(f"{len(collection) + 34} images")
+    page.locator("#upload-heading").scroll_into_view_if_needed()
+    _shot(page, "13-upload-batch", full_page=False)
+
+
+def test_clear_messages_for_413_415_503(
+    open_page: Any, photo_server: ServerProcess, collection: dict[str, int]
+) -> None:
+    page = _open_ready(open_page, photo_server)
+    # 413: a file over the server's limit (known from /v1/info) is refused without sending it.
+    big = image_bytes(3, "PNG", (400, 400)) + b"\0" * PHOTO_LIMIT_BYTES
+    page.locator("#upload-input").set_input_files(
+        [{"name": "huge.png", "mimeType": "image/png", "buffer": big}]
+    )
+    expect(page.locator("#upload-failures li")).to_have_text(
+        re.compile(r"huge\.png: too large \(\d+ KB; the limit is 59 KB\)")
+    )
+    # 413 from the server itself (a proxy's smaller limit, say): its meaning is shown.
+    page.route(
+        "**/v1/images",
+        lambda route: (
+            route.fulfill(status=413, body="", content_type="text/plain")
+            if route.request.method == "POST"
+            else route.continue_()
+        ),
+    )
+    page.locator("#upload-input").set_input_files(
+        [{"name": "small.png", "mimeType": "image/png", "buffer": image_bytes(4)}]
+    )
+    expect(page.locator("#upload-failures li")).to_have_text(
+        "small.png: Too large: the server refused a file or request of this size."
+    )
+    page.unroute("**/v1/images")
+    # 415: the server's own words.
+    page.locator("#upload-input").set_input_files(
+        [{"name": "words.png", "mimeType": "image/png", "buffer": b"words, words"}]
+    )
+    expect(page.locator("#upload-failures li")).to_contain_text(
+        "words.png: not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF, AVIF"
+    )
+    # 503 with Retry-After: busy, and when to try again.
+    body = json.dumps({"error": {"code": "overloaded", "message": "The server is overloaded."}})
+    page.route(
+        "**/v1/search/text",
+        lambda route: route.fulfill(
+            status=503, body=body, content_type="application/json", headers={"Retry-After": "7"}
+        ),
+    )
+    page.locator("#query").fill("busy")
+    page.locator("#query").press("Enter")
+    expect(page.locator("#error-text")).to_have_text("The server is overloaded. Try again in 7 s.")
+    page.locator("#upload-heading").scroll_into_view_if_needed()
+    _shot(page, "14-messages", full_page=True)
+    # (401 is the API-key prompt: test_api_key_asked_once and test_api_key_rejected_then_accepted)
