@@ -286,7 +286,9 @@ def embed_paths(
         for s in todo
         for p, caption in s.files
     ]
-    ds: Any = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+    ds: Any = ray.data.from_items(
+        items, override_num_blocks=max(1, math.ceil(len(items) / batch_size))
+    )
     ds = ds.map_batches(  # stateless CPU tasks
         _decode_batch,
         fn_kwargs={
