@@ -276,7 +276,7 @@ def build_application(
     scaling: Scaling,
     *,
     with_reranker: bool | None = None,
-    ingress_node_ip: str | None = None,
+    ingress_resources: dict[str, float] | None = None,
 ) -> Any:
     """The Serve application (bound deployments). `with_reranker` None: deploy the Reranker
     when the model comes from a checkpoint (only checkpoints carry a re-ranker)."""
@@ -294,8 +294,8 @@ def build_application(
         deployment = _deployment(ModelReplica).options(name=DEPLOYMENTS[role], **options)
         bound[role] = deployment.bind(spec_dict, role, batch, threads, scaling.batching)
     ingress_actor: dict[str, Any] = {"num_cpus": 0}
-    if ingress_node_ip:  # the data dir is on this node: the ingress runs here
-        ingress_actor["resources"] = {f"node:{ingress_node_ip}": 0.001}
+    if ingress_resources:  # only the node with the data dir offers these
+        ingress_actor["resources"] = ingress_resources
     ingress_settings = settings.model_copy(
         update={"model": settings.model.model_copy(update={"device": "cpu"})}
     )
@@ -333,9 +333,9 @@ def run_serve(args: Any, settings: Settings) -> int:
     )
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        application = build_application(
-            settings, scaling, ingress_node_ip=ray.util.get_node_ip_address()
-        )
+        # The data dir is on this node: pin the ingress here.
+        here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+        application = build_application(settings, scaling, ingress_resources=here)
         serve.run(application, name=APP_NAME, route_prefix="/")
         print(
             f"xmodal on Ray Serve at http://{settings.host}:{settings.port} "
@@ -355,3 +355,27 @@ def run_serve(args: Any, settings: Settings) -> int:
             if started:
                 ray.shutdown()
     return 0
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application for a Serve config file or a KubeRay `RayService`
+    (`import_path: app.distributed.serve:app_builder`). `args`: any Settings field (the rest
+    comes from XMODAL_* variables as usual), plus `replicas` or `min_replicas`/`max_replicas`,
+    `replica_cpus`, `replica_gpus`, `replica_batching`, and `ingress_resource`: a custom
+    resource that only the node holding the data dir offers (e.g. `xmodal_data`)."""
+    args = dict(args)
+    scaling = Scaling(
+        replicas=args.pop("replicas", None),
+        min_replicas=args.pop("min_replicas", None),
+        max_replicas=args.pop("max_replicas", None),
+        replica_cpus=float(args.pop("replica_cpus", 1.0)),
+        replica_gpus=args.pop("replica_gpus", None),
+        batching=args.pop("replica_batching", "serve"),
+    )
+    if scaling.min_replicas is None and scaling.max_replicas is None:
+        scaling.replicas = scaling.replicas or 1
+    resource = args.pop("ingress_resource", None)
+    settings = Settings(**args)
+    return build_application(
+        settings, scaling, ingress_resources={resource: 0.001} if resource else None
+    )

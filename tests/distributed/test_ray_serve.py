@@ -204,3 +204,14 @@ async def test_remote_call_answers_overload_with_retry_after() -> None:
     late = RemoteModelCall("text_encode", _Handle("v", delay=2), max_queue=2, request_timeout_s=0.1)
     with pytest.raises(Overloaded):
         await late.submit("q")
+
+
+def test_app_builder_reads_a_serve_config(ray_cluster: Any, tmp_path: Any) -> None:
+    """The KubeRay / Serve-config entry point builds the same application from plain args."""
+    from app.distributed.serve import app_builder
+
+    application = app_builder(
+        {"data_dir": str(tmp_path), "model": {"name": "xmodal-tiny", "pretrained": "none"},
+         "min_replicas": 1, "max_replicas": 3, "ingress_resource": "xmodal_data"}
+    )  # fmt: skip
+    assert type(application).__name__ == "Application"
