@@ -254,6 +254,9 @@ class Scaling:
             # Enough requests per replica to fill two batches; Serve queues the rest.
             "max_ongoing_requests": 2 * settings.batch.max_batch_size,
             "max_queued_requests": settings.batch.max_queue,
+            # A log line per call in every replica costs CPU on the hot path; xmodal's own
+            # metrics (/metrics on the ingress) count requests and latencies.
+            "logging_config": {"enable_access_log": False},
         }
         if self.min_replicas is not None or self.max_replicas is not None:
             low = self.min_replicas if self.min_replicas is not None else 1
@@ -304,6 +307,7 @@ def build_application(
         num_replicas=1,  # the single writer of the data dir
         max_ongoing_requests=settings.batch.max_queue * 4,
         ray_actor_options=ingress_actor,
+        logging_config={"enable_access_log": False},
         # A restart (the old process gone) may take the data dir's lock and sweep.
         health_check_period_s=10,
     )
