@@ -40,12 +40,12 @@ from typing import Any
 import ray
 import torch
 from ray import serve
-from ray.exceptions import RayActorError, WorkerCrashedError
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 
 from app.batching import DynamicBatcher
 from app.config import Settings
-from app.errors import Overloaded
+from app.errors import Overloaded, XmodalError
 from app.library import Library
 from app.main import create_app
 from app.runtime import Backend, encoder_spec
@@ -178,6 +178,11 @@ class RemoteModelCall:
             raise Overloaded(
                 f"every {self.name} replica's queue is full; retry shortly", retry_after_s=1.0
             ) from None
+        except RayTaskError as exc:
+            # A domain error inside the replica (its own batcher's 503): answer it as such.
+            if isinstance(exc.cause, XmodalError):
+                raise exc.cause from None
+            raise
 
     async def submit_many(self, items: Sequence[Any]) -> list[Any]:
         return list(await asyncio.gather(*(self.submit(item) for item in items)))

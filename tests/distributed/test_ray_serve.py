@@ -215,3 +215,17 @@ def test_app_builder_reads_a_serve_config(ray_cluster: Any, tmp_path: Any) -> No
          "min_replicas": 1, "max_replicas": 3, "ingress_resource": "xmodal_data"}
     )  # fmt: skip
     assert type(application).__name__ == "Application"
+
+
+@pytest.mark.anyio
+async def test_a_replicas_own_overload_reaches_the_client_as_503() -> None:
+    from ray.exceptions import RayTaskError
+
+    from app.distributed.serve import RemoteModelCall
+
+    inner = Overloaded("the text_encoder queue is full", retry_after_s=1.0)
+    wrapped = RayTaskError("__call__", "traceback", inner)
+    call = RemoteModelCall("text_encode", _Handle(wrapped), max_queue=2, request_timeout_s=5)
+    with pytest.raises(Overloaded) as raised:
+        await call.submit("q")
+    assert raised.value.retry_after_s == 1.0
