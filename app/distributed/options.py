@@ -36,7 +36,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--replica-batching",
-        choices=["serve", "xmodal"],
+        choices=["serve", "xmodal", "ingress"],
         default="serve",
-        help="batching inside each replica: @serve.batch, or xmodal's DynamicBatcher",
+        help="serve: @serve.batch in each replica; xmodal: xmodal's DynamicBatcher in each "
+        "replica; ingress: batches cut in the ingress, one remote call per batch",
     )

@@ -10,9 +10,12 @@ Deployments of one Serve application (`xmodal`):
   the fingerprint check of the data dir, preprocessing, and re-embedding on a model change.
 - `TextEncoder`, `ImageEncoder` and (with a checkpoint that has one) `Reranker`: N replicas
   each (`--replicas`, or autoscaling between `--min-replicas` and `--max-replicas`), one GPU per
-  replica where the cluster has GPUs. Each replica batches the requests it receives
-  (`@serve.batch`, or xmodal's `DynamicBatcher` with `--replica-batching xmodal`) and runs the
-  batch functions of `app/services/forward_passes.py` -- the same ones the single process runs.
+  replica where the cluster has GPUs. They run the batch functions of
+  `app/services/forward_passes.py` -- the same ones the single process runs. Where batches are
+  cut (`--replica-batching`): `serve` (default), each replica batches the items it receives with
+  `@serve.batch`; `xmodal`, each replica runs xmodal's `DynamicBatcher` instead; `ingress`, the
+  ingress cuts the batches as the single process does and sends one remote call per batch
+  (`run_batch`), two batches in flight per replica.
 
 The ingress's `Backend` gets `RemoteModelCall`s instead of local batchers (the `backend_factory`
 of `create_app`): each request item goes to a replica through a deployment handle. Before it
@@ -110,6 +113,11 @@ class ModelReplica:
     async def has_reranker(self) -> bool:
         return self.encoder.has_reranker
 
+    async def run_batch(self, items: list[Any]) -> list[Any]:
+        """A batch cut by the ingress (`--replica-batching ingress`): one forward pass."""
+        loop = asyncio.get_running_loop()
+        return list(await loop.run_in_executor(self._executor, self._fn, items))
+
     async def __call__(self, item: Any) -> Any:
         if self._batcher is not None:
             self._batcher.start()  # needs the replica's event loop; idempotent
@@ -124,22 +132,47 @@ class ModelReplica:
 
 
 # -- the ingress side -----------------------------------------------------------------------
-class RemoteModelCall:
-    """A `Batcher` whose items go to a deployment's replicas, which batch them."""
+@dataclass(frozen=True)
+class IngressBatching:
+    """`--replica-batching ingress`: the ingress cuts the batches (as the single process does)
+    and sends one remote call per batch, `batches_in_flight` at a time, to `run_batch`."""
 
-    def __init__(self, name: str, handle: Any, *, max_queue: int, request_timeout_s: float):
+    max_batch_size: int
+    max_wait_s: float
+    batches_in_flight: int
+
+
+class RemoteModelCall:
+    """A `Batcher` whose items go to a deployment's replicas: one call per item, batched by
+    the replica, or (with `batching`) one call per batch cut here."""
+
+    def __init__(
+        self,
+        name: str,
+        target: Any,
+        *,
+        max_queue: int,
+        request_timeout_s: float,
+        batching: IngressBatching | None = None,
+    ):
         self.name = name
-        self._handle = handle
+        self._target = target  # a deployment handle, or its run_batch method with `batching`
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
+        self.batching = batching
         self.in_flight = 0
         self.retries = 0
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         pass
 
     async def stop(self) -> None:
-        pass
+        for task in list(self._sending):
+            task.cancel()
 
     async def submit(self, item: Any) -> Any:
         if self.in_flight >= self.max_queue:
@@ -149,23 +182,32 @@ class RemoteModelCall:
             )
         self.in_flight += 1
         try:
-            try:
-                return await self._call(item)
-            except _REPLICA_LOST as exc:
-                # Encoding is idempotent: one more try, on a live (or restarted) replica.
-                self.retries += 1
-                log.warning("%s replica lost mid-request (%s); retrying once", self.name, exc)
-                try:
-                    return await self._call(item)
-                except _REPLICA_LOST:
-                    raise Overloaded(
-                        f"no {self.name} replica answered; retry shortly", retry_after_s=2.0
-                    ) from None
+            if self.batching is None:
+                return await self._with_retry(item)
+            return await self._submit_to_batch(item)
         finally:
             self.in_flight -= 1
 
-    async def _call(self, item: Any) -> Any:
-        response = self._handle.remote(item)
+    async def submit_many(self, items: Sequence[Any]) -> list[Any]:
+        return list(await asyncio.gather(*(self.submit(item) for item in items)))
+
+    # -- one remote call, retried once if its replica died ----------------------------------
+    async def _with_retry(self, payload: Any) -> Any:
+        try:
+            return await self._call(payload)
+        except _REPLICA_LOST as exc:
+            # Encoding is idempotent: one more try, on a live (or restarted) replica.
+            self.retries += 1
+            log.warning("%s replica lost mid-request (%s); retrying once", self.name, exc)
+            try:
+                return await self._call(payload)
+            except _REPLICA_LOST:
+                raise Overloaded(
+                    f"no {self.name} replica answered; retry shortly", retry_after_s=2.0
+                ) from None
+
+    async def _call(self, payload: Any) -> Any:
+        response = self._target.remote(payload)
         try:
             return await asyncio.wait_for(_wait(response), self.request_timeout_s)
         except asyncio.TimeoutError:
@@ -184,8 +226,59 @@ class RemoteModelCall:
                 raise exc.cause from None
             raise
 
-    async def submit_many(self, items: Sequence[Any]) -> list[Any]:
-        return list(await asyncio.gather(*(self.submit(item) for item in items)))
+    # -- batches cut in the ingress ---------------------------------------------------------
+    async def _submit_to_batch(self, item: Any) -> Any:
+        assert self.batching is not None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((item, future))
+        if len(self._pending) >= self.batching.max_batch_size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.batching.max_wait_s, self._flush)
+        try:
+            # The remote call has its own timeout; this one also covers the wait for a slot.
+            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise Overloaded(
+                f"the {self.name} request waited over {self.request_timeout_s:.0f}s; retry shortly",
+                retry_after_s=2.0,
+            ) from None
+        except asyncio.CancelledError:
+            future.cancel()  # the client went away: the batch skips the item
+            raise
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        assert self.batching is not None
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.batching.batches_in_flight)
+        async with self._slots:
+            live = [(item, future) for item, future in batch if not future.done()]
+            if not live:
+                return
+            try:
+                outputs = await self._with_retry([item for item, _ in live])
+                if len(outputs) != len(live):
+                    raise RuntimeError(f"{self.name}: {len(outputs)} results for {len(live)} items")
+            except Exception as exc:  # a failed batch fails every request in it
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for (_, future), output in zip(live, outputs, strict=True):
+                if not future.done():
+                    future.set_result(output)
 
 
 async def _wait(response: Any) -> Any:
@@ -197,6 +290,7 @@ class RemoteModels:
     """The ingress's `backend_factory`: a Backend whose model calls are deployment handles."""
 
     handles: dict[str, Any]  # Backend field -> DeploymentHandle (the reranker may be absent)
+    batching: IngressBatching | None = None
     calls: dict[str, RemoteModelCall] = field(default_factory=dict)
 
     async def __call__(self, library: Library) -> Backend:
@@ -211,9 +305,10 @@ class RemoteModels:
                 )
             self.calls[role] = RemoteModelCall(
                 name,
-                handle,
+                handle if self.batching is None else handle.run_batch,
                 max_queue=settings.batch.max_queue,
                 request_timeout_s=settings.batch.request_timeout_s,
+                batching=self.batching,
             )
         reranker = self.calls.get("reranker") if library.encoder.has_reranker else None
         return Backend(
@@ -228,11 +323,13 @@ class RemoteModels:
 class XmodalIngress:
     """The FastAPI app of the single process; its model calls go to the model deployments."""
 
-    def __init__(self, settings: Settings, models: dict[str, Any]) -> None:
+    def __init__(
+        self, settings: Settings, models: dict[str, Any], batching: IngressBatching | None
+    ) -> None:
         # This process only decodes, preprocesses, searches and writes: one torch thread.
         torch.set_num_threads(1)
         self.settings = settings
-        self.models = RemoteModels(models)
+        self.models = RemoteModels(models, batching)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.settings, backend_factory=self.models)
@@ -318,7 +415,15 @@ def build_application(
     )
     # Bound as an argument, the model deployments are deployed with the app and reach the
     # ingress as deployment handles.
-    return ingress.bind(ingress_settings, bound)
+    batching = None
+    if scaling.batching == "ingress":
+        replicas = max(scaling.replicas or 1, scaling.max_replicas or 1)
+        batching = IngressBatching(
+            max_batch_size=settings.batch.max_batch_size,
+            max_wait_s=settings.batch.max_wait_ms / 1000.0,
+            batches_in_flight=2 * replicas,  # one computing, one on its way, per replica
+        )
+    return ingress.bind(ingress_settings, bound, batching)
 
 
 def run_serve(args: Any, settings: Settings) -> int:

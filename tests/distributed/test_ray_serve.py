@@ -229,3 +229,35 @@ async def test_a_replicas_own_overload_reaches_the_client_as_503() -> None:
     with pytest.raises(Overloaded) as raised:
         await call.submit("q")
     assert raised.value.retry_after_s == 1.0
+
+
+class _BatchHandle:
+    """`run_batch`: one call per batch; the first call can die like a killed replica."""
+
+    def __init__(self, die_first: bool = False) -> None:
+        self.batches: list[list[Any]] = []
+        self.die_first = die_first
+
+    def remote(self, items: list[Any]) -> _Response:
+        from ray.exceptions import ActorDiedError
+
+        if self.die_first:
+            self.die_first = False
+            return _Response(ActorDiedError())
+        self.batches.append(list(items))
+        return _Response([f"v{i}" for i in items], delay=0.01)
+
+
+@pytest.mark.anyio
+async def test_ingress_batching_sends_one_call_per_batch_and_retries_it() -> None:
+    from app.distributed.serve import IngressBatching, RemoteModelCall
+
+    plan = IngressBatching(max_batch_size=4, max_wait_s=0.02, batches_in_flight=2)
+    handle = _BatchHandle(die_first=True)
+    call = RemoteModelCall("text_encode", handle, max_queue=64, request_timeout_s=5, batching=plan)
+    results = await asyncio.gather(*(call.submit(i) for i in range(10)))
+    assert results == [f"v{i}" for i in range(10)]
+    assert sorted(len(b) for b in handle.batches) == [2, 4, 4] and call.retries == 1
+    full = RemoteModelCall("text_encode", handle, max_queue=1, request_timeout_s=5, batching=plan)
+    outcomes = await asyncio.gather(full.submit(0), full.submit(1), return_exceptions=True)
+    assert outcomes[0] == "v0" and isinstance(outcomes[1], Overloaded)
