@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xmodal-installed
+RAY_STAMP := $(VENV)/.xmodal-ray-installed
 # torch/torchvision pinned to the builds this machine carries on disk (see README: The two commands).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint typecheck pytest browser-deps clean
+.PHONY: venv serve test test-ray lint typecheck pytest browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +41,18 @@ typecheck: $(STAMP)
 
 # The tests never touch the network: the tiny model, random or locally saved weights.
 pytest: $(STAMP) browser-deps
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not ray" tests
 
 test: lint typecheck pytest
+
+# The Ray engine (`xmodal embed`, `xmodal serve --engine ray`) on a local 2-CPU Ray cluster.
+# Installs the ray extra first (once per pyproject.toml change): CI runs on a clean clone.
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[dev,ray]'
+	touch $(RAY_STAMP)
+
+test-ray: $(RAY_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray tests/distributed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

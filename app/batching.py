@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from app.errors import Overloaded
 from app.metrics import BATCH_SIZE, QUEUE_DEPTH
@@ -24,6 +24,24 @@ log = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+
+In_contra = TypeVar("In_contra", contravariant=True)
+
+
+class Batcher(Protocol[In_contra, Out]):
+    """What the services need from a model call: `DynamicBatcher` here, or (with
+    `xmodal serve --engine ray`) a client of remote replicas that batch themselves."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def submit(self, item: In_contra) -> Out: ...
+
+    async def submit_many(self, items: Sequence[In_contra]) -> list[Out]: ...
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`xmodal serve | index | search | train | eval | synth`.
+"""`xmodal serve | index | embed | search | train | eval | synth`.
 
 Every option also reads from the environment (XMODAL_ prefix, __ for nesting) through the one
 Settings class; a flag given on the command line wins over the environment.
@@ -66,6 +66,20 @@ def _encoder_spec(args: argparse.Namespace) -> Any:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from app.distributed.serve import run_serve
+
+        return run_serve(
+            args,
+            _settings(
+                args,
+                host=args.host,
+                port=args.port,
+                api_key=args.api_key,
+                reembed_on_model_change=True if args.reembed else None,
+            ),
+        )
+
     import uvicorn
 
     from app.main import create_app
@@ -143,6 +157,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     )
     # Bad files are reported, not fatal; exit 1 only when nothing at all could be indexed.
     return 1 if report.failed and not (report.added or report.skipped_known) else 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from app.distributed.embed import run_embed
+
+    return run_embed(args, _settings(args), _encoder_spec(args))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -275,6 +295,8 @@ def _min_score(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.distributed.options import add_embed_options, add_serve_options
+
     parser = argparse.ArgumentParser(prog="xmodal", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, help="where SQLite, media and indexes live")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
     serve.add_argument("--reembed", action="store_true", help="re-embed on a model change")
+    serve.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="ray: Ray Serve replicas"
+    )
+    serve.add_argument(
+        "--replicas", type=int, help="--engine ray: replicas per model deployment (default 1)"
+    )
+    serve.add_argument("--address", help="--engine ray: cluster to join (else a local one)")
+    add_serve_options(serve)
     _add_model_options(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -306,6 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(index)
     index.set_defaults(func=cmd_index)
+
+    embed = sub.add_parser(
+        "embed",
+        help="embed image files on a Ray cluster into Parquet shards (for `xmodal import`)",
+        formatter_class=_HelpWithDefaults,
+    )
+    embed.add_argument("paths", nargs="+", help="image files, folders (recursive) or a CSV")
+    embed.add_argument("--out", type=Path, required=True, help="folder of Parquet shards to write")
+    embed.add_argument("--engine", choices=["ray"], default="ray", help="the distributed engine")
+    embed.add_argument("--address", help="Ray cluster to join (else a local one on this machine)")
+    embed.add_argument("--metadata", help="JSON object stored with every image")
+    add_embed_options(embed)
+    _add_model_options(embed)
+    embed.set_defaults(func=cmd_embed, data_dir=None)
 
     search = sub.add_parser(
         "search", help="text-to-image search", formatter_class=_HelpWithDefaults

@@ -22,7 +22,7 @@ from app.disconnect import CancelOnDisconnect
 from app.errors import XmodalError, status_for
 from app.metrics import REQUEST_LATENCY
 from app.routes import embed, images, ops, search, texts
-from app.runtime import Runtime
+from app.runtime import BackendFactory, Runtime
 from app.uploads import BodyLimitMiddleware
 from models.encoder import Encoder
 
@@ -114,13 +114,17 @@ def create_app(
     *,
     encoder: Encoder | None = None,
     on_startup_failure: Callable[[str], None] | None = None,
+    backend_factory: BackendFactory | None = None,
 ) -> FastAPI:
-    """`encoder` lets tests share one loaded model across apps; normally it is loaded here."""
+    """`encoder` lets tests share one loaded model across apps; normally it is loaded here.
+    `backend_factory`: run the model calls elsewhere (`xmodal serve --engine ray`)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings, on_startup_failure=on_startup_failure)
+        runtime = Runtime(
+            settings, on_startup_failure=on_startup_failure, backend_factory=backend_factory
+        )
         app.state.runtime = runtime
         runtime.start_loading(encoder)
         try:

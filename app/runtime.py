@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from anyio import to_thread
 
-from app.batching import DynamicBatcher
+from app.batching import Batcher, DynamicBatcher
 from app.config import Settings
 from app.errors import NotReady
 from app.library import Library, with_remembered_model
@@ -51,9 +51,9 @@ class Backend:
     model call. `reranker` is None when the loaded model has no re-ranker."""
 
     library: Library
-    text_encoder: DynamicBatcher[str, np.ndarray]
-    image_encoder: DynamicBatcher[torch.Tensor, np.ndarray]
-    reranker: DynamicBatcher[forward_passes.RerankJob, np.ndarray] | None
+    text_encoder: Batcher[str, np.ndarray]
+    image_encoder: Batcher[torch.Tensor, np.ndarray]
+    reranker: Batcher[forward_passes.RerankJob, np.ndarray] | None
 
     @property
     def settings(self) -> Settings:
@@ -76,13 +76,23 @@ class Backend:
                 await batcher.stop()
 
 
+# Builds the batchers somewhere else than in this process (`app/distributed/serve.py`): given
+# the open library, returns a Backend whose batchers are not started yet.
+BackendFactory = Callable[[Library], Awaitable[Backend]]
+
+
 class Runtime:
     """The service's state: loading, readiness, and the `Backend` once ready."""
 
     def __init__(
-        self, settings: Settings, *, on_startup_failure: Callable[[str], None] | None = None
+        self,
+        settings: Settings,
+        *,
+        on_startup_failure: Callable[[str], None] | None = None,
+        backend_factory: BackendFactory | None = None,
     ) -> None:
         self.settings = settings
+        self._backend_factory = backend_factory
         self._on_startup_failure = on_startup_failure
         self.backend: Backend | None = None
         self.startup_error: str | None = None
@@ -110,8 +120,14 @@ class Runtime:
                 self.settings = with_remembered_model(self.settings)
                 encoder = await to_thread.run_sync(load_encoder, encoder_spec(self.settings))
             library = await to_thread.run_sync(Library.open, self.settings, encoder)
-            await to_thread.run_sync(self._warm_up, encoder)
-            backend = self._start_backend(library)
+            if self._backend_factory is None:
+                await to_thread.run_sync(self._warm_up, encoder)
+                backend = self._start_backend(library)
+            else:  # the forward passes run elsewhere, warmed up there
+                backend = await self._backend_factory(library)
+                for batcher in (backend.text_encoder, backend.image_encoder, backend.reranker):
+                    if batcher is not None:
+                        batcher.start()
             self._saver = asyncio.get_running_loop().create_task(self._save_periodically(library))
             backend.after_write()
             self.backend = backend

@@ -14,12 +14,14 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from models.checkpoint import Checkpoint, load_checkpoint
@@ -256,6 +258,25 @@ def _text_tower_copy(model: nn.Module) -> nn.Module:
         holder.visual = visual
 
 
+def image_preprocess(
+    preprocess_cfg: dict[str, Any], model_cfg: dict[str, Any]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The model's inference transform (PIL picture -> [3, S, S] tensor), built from its
+    configs alone, so that processes without the weights (decoding workers) apply the same one."""
+    import open_clip
+
+    size = preprocess_cfg.get("size", model_cfg["vision_cfg"]["image_size"])
+    transform: Callable[[Image.Image], torch.Tensor] = open_clip.image_transform(
+        size,
+        is_train=False,
+        mean=preprocess_cfg.get("mean"),
+        std=preprocess_cfg.get("std"),
+        resize_mode=preprocess_cfg.get("resize_mode"),
+        interpolation=preprocess_cfg.get("interpolation"),
+    )
+    return transform
+
+
 def load_encoder(spec: EncoderSpec) -> Encoder:
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
@@ -272,15 +293,7 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         model_cfg = _model_cfg(name)
     fingerprint = state_fingerprint(name, model.state_dict())
     preprocess_cfg = dict(get_model_preprocess_cfg(model))
-    size = preprocess_cfg.get("size", model_cfg["vision_cfg"]["image_size"])
-    preprocess = open_clip.image_transform(
-        size,
-        is_train=False,
-        mean=preprocess_cfg.get("mean"),
-        std=preprocess_cfg.get("std"),
-        resize_mode=preprocess_cfg.get("resize_mode"),
-        interpolation=preprocess_cfg.get("interpolation"),
-    )
+    preprocess = image_preprocess(preprocess_cfg, model_cfg)
     text_model: nn.Module | None = None
     if precision == "bf16":
         model = model.to(torch.bfloat16)

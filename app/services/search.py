@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from anyio import to_thread
 
-from app.batching import DynamicBatcher
+from app.batching import Batcher
 from app.errors import InvalidField, NotFound, RerankUnavailable
 from app.library import Library
 from app.runtime import Backend
@@ -105,7 +105,7 @@ async def _query_image_vector(
     return vector, prepared.pixels, None
 
 
-def _reranker(backend: Backend) -> DynamicBatcher[RerankJob, np.ndarray]:
+def _reranker(backend: Backend) -> Batcher[RerankJob, np.ndarray]:
     if backend.reranker is None:
         raise RerankUnavailable(
             "the loaded model has no fusion re-ranker; load a checkpoint trained with "
@@ -115,7 +115,7 @@ def _reranker(backend: Backend) -> DynamicBatcher[RerankJob, np.ndarray]:
 
 
 async def _rerank(
-    reranker: DynamicBatcher[RerankJob, np.ndarray], hits: list[Hit], job: RerankJob
+    reranker: Batcher[RerankJob, np.ndarray], hits: list[Hit], job: RerankJob
 ) -> None:
     """Score each hit's pair with the fusion head (through its batcher) and sort by it."""
     probs = await reranker.submit(job)
