@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 FilterSpec = dict[str, Any]
 HARD_MAX_K = 10_000
 HARD_MAX_QUERY = 10_000
+HARD_MAX_DIM = 8192
 
 
 class ErrorDetail(BaseModel):
@@ -83,6 +84,20 @@ class TextSearch(BaseModel):
     )
     rerank: bool = False
     rerank_k: int | None = Field(None, ge=1, le=1024, description="candidates to re-rank")
+
+
+class VectorSearch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vector: list[float] = Field(
+        min_length=1,
+        max_length=HARD_MAX_DIM,
+        description="a query embedding of the model's dimension; normalised like any query",
+    )
+    k: int = Field(10, ge=1, le=HARD_MAX_K)
+    filter: FilterSpec | None = Field(None, description="metadata conditions, as for text search")
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, description="drop results whose cosine score is below this"
+    )
 
 
 class ImageHit(BaseModel):

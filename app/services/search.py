@@ -139,6 +139,37 @@ async def search_by_text(
     return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
 
 
+def query_vector(values: list[float], dim: int) -> np.ndarray:
+    """A caller's embedding as a query: the model's dimension, finite, not zero; normalised."""
+    if len(values) != dim:
+        raise InvalidField(f"vector has {len(values)} dimensions; the model's is {dim}")
+    vector = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(vector).all():
+        raise InvalidField("vector contains NaN or infinite values")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise InvalidField("vector has zero (or overflowing) length; it cannot be normalised")
+    return (vector / norm).astype(np.float32)
+
+
+async def search_by_vector(
+    backend: Backend,
+    values: list[float],
+    *,
+    k: int,
+    filter_: dict[str, Any] | None = None,
+    min_score: float | None = None,
+) -> SearchOutcome:
+    """Images nearest to a caller's own embedding: no forward pass."""
+    started = time.perf_counter()
+    library = backend.library
+    _check_k(library, k, False, None)
+    vector = query_vector(values, library.encoder.dim)
+    found = await to_thread.run_sync(_search, library, library.images, vector, k, filter_)
+    hits = [Hit(item, score) for item, score in found if min_score is None or score >= min_score]
+    return SearchOutcome(hits, (time.perf_counter() - started) * 1000)
+
+
 async def search_by_image(
     backend: Backend,
     *,
