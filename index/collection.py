@@ -215,7 +215,8 @@ class IndexedCollection:
         allowed = None if not filter_ else self.store.filter_ids(self.item_kind, filter_)
         allowed_vectors = None
         index = self._index
-        if allowed is not None and 0 < len(allowed) <= SMALL_FILTER and index.kind != "exact":
+        # IVF-PQ keeps no raw vectors in memory: a small filter's vectors come from the store
+        if allowed is not None and 0 < len(allowed) <= SMALL_FILTER and index.kind == "ivfpq":
             found = self.store.embeddings_for(self.item_kind, [int(i) for i in allowed])
             allowed = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
             allowed_vectors = (
