@@ -15,7 +15,7 @@ from app.errors import InvalidField, NotFound, RerankUnavailable
 from app.library import Library
 from app.runtime import Backend
 from app.services.forward_passes import RerankJob
-from app.services.items import UploadSource, checked_text, prepare_image
+from app.services.items import NO_FILE, UploadSource, checked_text, prepare_image
 from index.collection import IndexedCollection, SearchHit
 from index.filters import FilterError
 from index.store import Kind, StoredItem
@@ -60,6 +60,8 @@ def _load_pixels(library: Library, items: list[StoredItem]) -> list[torch.Tensor
     encoder = library.encoder
     pixels = []
     for item in items:
+        if item.media_path is None:
+            raise InvalidField(f"cannot re-rank: {NO_FILE.format(id=item.id)}")
         decoded = decode_image(
             library.media.path_of(item.media_path or ""),
             max_pixels=1 << 62,  # stored images passed the limit when they were uploaded
