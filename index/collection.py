@@ -199,6 +199,11 @@ class IndexedCollection:
     def index_kind(self) -> str:
         return self._index.kind
 
+    @property
+    def is_trained(self) -> bool:
+        """False for an IVF index that has not seen vectors yet (it can only be rebuilt)."""
+        return self._index.is_trained
+
     def info(self) -> dict[str, Any]:
         index = self._index
         return {

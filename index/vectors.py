@@ -1,8 +1,10 @@
 """FAISS vector indexes: exact, HNSW or IVF-PQ behind one small interface.
 
 Vectors are L2-normalised float32, scored by inner product (= cosine). Ids are the store's
-item ids (int64). Deletes: the exact index removes ids; HNSW cannot, so removed ids become
-tombstones, excluded inside the search by an ID selector until a rebuild drops them.
+item ids (int64). Deletes: the exact index removes ids; HNSW cannot, and IVF-PQ behind an
+IndexIDMap2 would rebuild its whole id map per delete (O(n): ~0.1 s at 1M), so for both
+removed ids become tombstones, excluded inside the search by an ID selector until a rebuild
+drops them.
 Metadata filters arrive as an array of allowed ids and are also applied inside the search.
 """
 
@@ -119,9 +121,10 @@ class VectorIndex:
         self._tombstones: set[int] = set()
         self._lock = threading.RLock()
         self.applied_seq = 0  # the store's change sequence number this index reflects
-        # external ids in FAISS's internal order, sorted copy and tombstones: built on demand
-        # for in-memory exact scoring of filtered searches, dropped by every add and remove
-        self._id_lookup: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None
+        # FAISS's external ids sorted, and the order that sorts them (None: already sorted):
+        # built on demand (membership, in-memory exact scoring of filters), dropped when the
+        # id map changes
+        self._id_lookup: tuple[np.ndarray, np.ndarray | None] | None = None
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -162,19 +165,23 @@ class VectorIndex:
             return
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self._lock:
-            if self.params.kind == "hnsw":
-                present = [int(i) for i in ids if self._contains(int(i))]
-                self._tombstones.update(present)
+            if self.params.kind in ("hnsw", "ivfpq"):
+                sorted_ids, _ = self._lookup()
+                where = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+                present = ids[sorted_ids[where] == ids] if len(sorted_ids) else ids[:0]
+                self._tombstones.update(int(i) for i in present)
             else:
                 self._index.remove_ids(ids)
-            self._id_lookup = None
+                self._id_lookup = None
 
-    def _contains(self, item_id: int) -> bool:
-        try:
-            self._index.reconstruct(item_id)
-        except RuntimeError:
-            return False
-        return item_id not in self._tombstones
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Call under the lock."""
+        if self._id_lookup is None:
+            id_map = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            ascending = len(id_map) < 2 or bool(np.all(id_map[1:] > id_map[:-1]))
+            order = None if ascending else np.argsort(id_map, kind="stable")
+            self._id_lookup = (id_map if order is None else id_map[order], order)
+        return self._id_lookup
 
     # -- search ----------------------------------------------------------------------------
     def search(
@@ -236,16 +243,11 @@ class VectorIndex:
     def _gather(self, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, their vectors) of the live `allowed` ids present in this exact or HNSW index,
         read from FAISS's own flat storage. Call under the lock."""
-        if self._id_lookup is None:
-            id_map = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            ascending = len(id_map) < 2 or bool(np.all(id_map[1:] > id_map[:-1]))
-            order = None if ascending else np.argsort(id_map, kind="stable")
-            dead = np.fromiter(self._tombstones, dtype=np.int64, count=len(self._tombstones))
-            self._id_lookup = (id_map if order is None else id_map[order], order, np.sort(dead))
-        sorted_ids, order, dead = self._id_lookup
+        sorted_ids, order = self._lookup()
         allowed = np.asarray(allowed, dtype=np.int64)
-        if len(dead):
-            allowed = allowed[~np.isin(allowed, dead, assume_unique=True)]
+        if self._tombstones:
+            dead = np.fromiter(self._tombstones, dtype=np.int64, count=len(self._tombstones))
+            allowed = allowed[~np.isin(allowed, dead)]
         where = np.searchsorted(sorted_ids, allowed)
         where = np.minimum(where, max(len(sorted_ids) - 1, 0))
         found = sorted_ids[where] == allowed if len(sorted_ids) else np.zeros(0, bool)

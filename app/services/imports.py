@@ -404,7 +404,7 @@ def _commit_chunk(library: Library, chunk: Chunk, report: ImportReport) -> None:
 def _catch_up_indexes(library: Library, report: ImportReport) -> None:
     started = time.monotonic()
     for collection, added in ((library.images, report.added), (library.texts, report.texts_added)):
-        if added >= REBUILD_AFTER:
+        if added >= REBUILD_AFTER or (added and not collection.is_trained):
             collection.rebuild()  # one bulk build from the store, of the kind its size calls for
         else:
             collection.catch_up()
