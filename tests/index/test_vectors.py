@@ -135,3 +135,20 @@ def test_filtered_search_small_exact_and_large_bitmap(kind: str, shuffled: bool)
     assert all(i in allowed for i in got_large.ravel().tolist() if i >= 0)
     truth = reference(x[np.array(sorted(allowed)) - 5], np.array(sorted(allowed)), q, 10)
     assert recall(got_large, truth) >= 0.9
+
+
+def test_ivfpq_deletes_are_tombstones_saved_and_excluded(tmp_path: Path) -> None:
+    x = clustered(3000)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    lookup = dict(zip(ids.tolist(), x, strict=True))
+    params = IndexParams(kind="ivfpq", ivf_nlist=32, ivf_nprobe=16, pq_m=8)
+    index = VectorIndex(DIM, params, lambda found: np.stack([lookup[int(i)] for i in found]))
+    index.train(x)
+    index.add(ids, x)
+    index.remove(np.concatenate([ids[:100], [99_999]]))  # an unknown id is ignored
+    assert len(index) == 2900 and index.tombstones == 100
+    _, got = index.search(x[:50], 10)
+    assert not set(got.ravel().tolist()) & set(ids[:100].tolist())
+    index.save(tmp_path / "i.faiss", fingerprint="f")
+    loaded = VectorIndex.load(tmp_path / "i.faiss", fingerprint="f", dim=DIM)
+    assert loaded.tombstones == 100 and len(loaded) == 2900
