@@ -13,6 +13,8 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -498,30 +500,51 @@ class MetadataStore:
                 out[int(row["id"])] = np.frombuffer(row["embedding"], dtype=np.float32)
         return out
 
-    def snapshot(self, kind: Kind) -> tuple[int, np.ndarray, np.ndarray]:
-        """A consistent (seq, ids, vectors) of every live item of `kind`, read in one read
-        transaction on a separate connection, so writers are not blocked meanwhile."""
+    @contextmanager
+    def read_snapshot(self) -> Iterator[Snapshot]:
+        """One read transaction on a separate connection, for reading every vector of a
+        collection consistently while writers go on (WAL)."""
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("BEGIN")
-            seq = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
-            n = int(db.execute("SELECT COUNT(*) FROM items WHERE kind = ?", (kind,)).fetchone()[0])
-            cursor = db.execute(
-                "SELECT id, embedding FROM items WHERE kind = ? ORDER BY id", (kind,)
-            )
-            # Filled in place, chunk by chunk: at 1M items the vectors are held once, not as
-            # a million bytes objects plus their concatenation.
-            ids = np.empty(n, dtype=np.int64)
-            vectors = np.zeros((0, 0), dtype=np.float32)
-            done = 0
-            while rows := cursor.fetchmany(16384):
-                if done == 0:
-                    vectors = np.empty((n, len(rows[0][1]) // 4), dtype=np.float32)
-                for row in rows:
-                    ids[done] = row[0]
-                    vectors[done] = np.frombuffer(row[1], dtype=np.float32)
-                    done += 1
-            db.execute("COMMIT")
+            yield Snapshot(db)
         finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
             db.close()
-        return seq, ids[:done], vectors[:done]
+
+    def snapshot(self, kind: Kind) -> tuple[int, np.ndarray, np.ndarray]:
+        """A consistent (seq, ids, vectors) of every live item of `kind`, all in memory."""
+        with self.read_snapshot() as snap:
+            parts = list(snap.chunks(kind))
+            seq = snap.seq
+        if not parts:
+            return seq, np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return seq, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+class Snapshot:
+    """What one read transaction sees: the change sequence number and the vectors, streamed in
+    chunks so that a collection larger than memory can still be indexed (IVF-PQ at 10M)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.seq = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+
+    def count(self, kind: Kind) -> int:
+        return int(
+            self._db.execute("SELECT COUNT(*) FROM items WHERE kind = ?", (kind,)).fetchone()[0]
+        )
+
+    def chunks(
+        self, kind: Kind, rows: int = 65_536, every: int = 1
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors [m, dim]) in id order; `every` > 1 keeps one id in `every` (a sample)."""
+        cursor = self._db.execute(
+            "SELECT id, embedding FROM items WHERE kind = ? AND id % ? = 0 ORDER BY id",
+            (kind, every),
+        )
+        while batch := cursor.fetchmany(rows):
+            ids = np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch))
+            vectors = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.float32)
+            yield ids, vectors.reshape(len(batch), -1)
