@@ -390,6 +390,8 @@ class MetadataStore:
         return None if row is None else _row_to_item(row)
 
     def get_many(self, kind: Kind, ids: list[int]) -> dict[int, StoredItem]:
+        # `+kind`: without it SQLite (no statistics) walks the (kind, sha256) index over every
+        # item of the kind instead of looking the ids up: 180 ms instead of 1 ms at 1M items.
         if not ids:
             return {}
         out: dict[int, StoredItem] = {}
@@ -398,7 +400,7 @@ class MetadataStore:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for row in db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND id IN ({marks})",
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE +kind = ? AND id IN ({marks})",
                 (kind, *chunk),
             ):
                 out[int(row["id"])] = _row_to_item(row)
@@ -494,7 +496,7 @@ class MetadataStore:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for row in db.execute(
-                f"SELECT id, embedding FROM items WHERE kind = ? AND id IN ({marks})",
+                f"SELECT id, embedding FROM items WHERE +kind = ? AND id IN ({marks})",
                 (kind, *chunk),
             ):
                 out[int(row["id"])] = np.frombuffer(row["embedding"], dtype=np.float32)

@@ -153,3 +153,23 @@ def test_bad_filters_are_refused_by_both_paths(tmp_path: Path, bad: dict[str, An
     with pytest.raises(FilterError):
         store.filter_ids_by_scan("image", bad)
     assert json.dumps(bad)
+
+
+def test_lookups_by_id_use_the_primary_key(tmp_path: Path) -> None:
+    """get_many and embeddings_for must not walk the (kind, sha256) index: at 1M items that
+    made every search read the whole index (180 ms)."""
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    _fill(store, random.Random(1), 20)
+    db = store._reader()
+    for sql in (
+        "SELECT id FROM items WHERE +kind = ? AND id IN (?, ?)",
+        "SELECT id, embedding FROM items WHERE +kind = ? AND id IN (?, ?)",
+    ):
+        plan = " ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, ["image", 1, 2]))
+        assert "PRIMARY KEY" in plan, plan
+    import inspect
+
+    source = inspect.getsource(MetadataStore.get_many) + inspect.getsource(
+        MetadataStore.embeddings_for
+    )
+    assert source.count("+kind = ? AND id IN") == 2
