@@ -1,4 +1,4 @@
-"""`xmodal serve | index | embed | search | train | eval | synth`.
+"""`xmodal serve | index | import | embed | search | train | eval | synth`.
 
 Every option also reads from the environment (XMODAL_ prefix, __ for nesting) through the one
 Settings class; a flag given on the command line wins over the environment.
@@ -163,6 +163,34 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from app.distributed.embed import run_embed
 
     return run_embed(args, _settings(args), _encoder_spec(args))
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from app.library import Library
+    from app.services.imports import import_paths
+    from models.factory import load_encoder
+
+    settings = _settings(args)
+    encoder = load_encoder(_encoder_spec(args))
+    library = Library.open(settings, encoder)
+    try:
+        report = import_paths(
+            library,
+            [Path(p) for p in args.paths],
+            batch_rows=args.batch_rows,
+            progress=not args.quiet,
+        )
+    finally:
+        library.close()
+    for path, reason in report.failed:
+        print(f"{path}: {reason} (imported without its image file)", file=sys.stderr)
+    print(
+        f"{report.added} images and {report.texts_added} texts added, {report.skipped_known} "
+        f"already stored, {report.without_file} without an image file; "
+        f"{report.rows_per_s:,.0f} rows/s ({report.rows} rows in {report.import_s:.1f}s, "
+        f"checked in {report.check_s:.1f}s, index {report.index_s:.1f}s)"
+    )
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -350,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_options(embed)
     _add_model_options(embed)
     embed.set_defaults(func=cmd_embed, data_dir=None)
+
+    imp = sub.add_parser(
+        "import",
+        help="import precomputed embeddings (Parquet, or clip-retrieval's output folder)",
+        formatter_class=_HelpWithDefaults,
+    )
+    imp.add_argument(
+        "paths",
+        nargs="+",
+        help="Parquet files or folders of them (columns: embedding, key, metadata, image_path, "
+        "text), or a clip-retrieval output folder (img_emb/*.npy + metadata/*.parquet)",
+    )
+    imp.add_argument("--data-dir", type=Path, help="data dir to write (else XMODAL_DATA_DIR)")
+    imp.add_argument("--batch-rows", type=int, default=20_000, help="rows per SQLite transaction")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_options(imp)
+    imp.set_defaults(func=cmd_import)
 
     search = sub.add_parser(
         "search", help="text-to-image search", formatter_class=_HelpWithDefaults

@@ -309,7 +309,13 @@ def _reembed_everything(library: Library, batch: int = 64) -> None:
             if kind == "image":
                 pixels = []
                 for row in rows:
-                    path = library.media.path_of(row.media_path or "")
+                    if row.media_path is None:
+                        raise ModelMismatch(
+                            f"image {row.id} was imported as an embedding without its file, so "
+                            "it cannot be re-embedded with another model: import it again with "
+                            "that model's embeddings into a new data dir"
+                        )
+                    path = library.media.path_of(row.media_path)
                     decoded = decode_image(path, max_pixels=1 << 62, draft_px=encoder.image_size)
                     pixels.append(encoder.preprocess_image(decoded.image))
                 vectors = encoder.encode_images(pixels)

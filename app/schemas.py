@@ -13,6 +13,7 @@ MIN_SCORE_HELP = (
     "drop results whose cosine similarity `score` is below this, in [-1, 1]; applied after "
     "re-ranking, still on `score` (not `rerank_score`)"
 )
+HARD_MAX_DIM = 8192
 
 
 class ErrorDetail(BaseModel):
@@ -88,6 +89,20 @@ class TextSearch(BaseModel):
     rerank: bool = False
     rerank_k: int | None = Field(None, ge=1, le=1024, description="candidates to re-rank")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description=MIN_SCORE_HELP)
+
+
+class VectorSearch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vector: list[float] = Field(
+        min_length=1,
+        max_length=HARD_MAX_DIM,
+        description="a query embedding of the model's dimension; normalised like any query",
+    )
+    k: int = Field(10, ge=1, le=HARD_MAX_K)
+    filter: FilterSpec | None = Field(None, description="metadata conditions, as for text search")
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, description="drop results whose cosine score is below this"
+    )
 
 
 class ImageHit(BaseModel):

@@ -27,6 +27,8 @@ from index.vectors import (
 )
 
 log = logging.getLogger(__name__)
+# IVF-PQ trains on at most this many vectors (FAISS itself samples 256 per list, 1024 lists).
+TRAIN_SAMPLE = 300_000
 
 
 @dataclass
@@ -98,19 +100,24 @@ class IndexedCollection:
         self.catch_up()
 
     def _build_from_snapshot(self) -> VectorIndex:
+        """Build from one consistent read of the store, streamed in chunks: an index that must
+        be trained (IVF-PQ) first trains on an even sample of at most TRAIN_SAMPLE vectors, so
+        no more than a chunk of raw vectors is ever held besides the index itself."""
         started = time.monotonic()
-        seq, ids, vectors = self.store.snapshot(self.item_kind)
-        index = VectorIndex(
-            self.dim, self._params_for(len(ids)), self._exact_vectors, n_hint=len(ids)
-        )
-        if len(ids):
-            if not index.is_trained:
-                index.train(vectors)
-            index.add(ids, vectors)
-        index.applied_seq = seq
+        with self.store.read_snapshot() as snap:
+            n = snap.count(self.item_kind)
+            index = VectorIndex(self.dim, self._params_for(n), self._exact_vectors, n_hint=n)
+            if n and not index.is_trained:
+                every = max(1, n // TRAIN_SAMPLE)
+                sample = [v for _, v in snap.chunks(self.item_kind, every=every)]
+                index.train(np.concatenate(sample))
+                del sample
+            for ids, vectors in snap.chunks(self.item_kind):
+                index.add(ids, vectors)
+            index.applied_seq = snap.seq
         log.info(
             "built %s index (%s) over %d vectors in %.1fs",
-            self.item_kind, index.kind, len(ids), time.monotonic() - started,
+            self.item_kind, index.kind, len(index), time.monotonic() - started,
         )  # fmt: skip
         return index
 
@@ -199,6 +206,11 @@ class IndexedCollection:
     def index_kind(self) -> str:
         return self._index.kind
 
+    @property
+    def is_trained(self) -> bool:
+        """False for an IVF index that has not seen vectors yet (it can only be rebuilt)."""
+        return self._index.is_trained
+
     def info(self) -> dict[str, Any]:
         index = self._index
         return {
@@ -215,7 +227,8 @@ class IndexedCollection:
         allowed = None if not filter_ else self.store.filter_ids(self.item_kind, filter_)
         allowed_vectors = None
         index = self._index
-        if allowed is not None and 0 < len(allowed) <= SMALL_FILTER and index.kind != "exact":
+        # IVF-PQ keeps no raw vectors in memory: a small filter's vectors come from the store
+        if allowed is not None and 0 < len(allowed) <= SMALL_FILTER and index.kind == "ivfpq":
             found = self.store.embeddings_for(self.item_kind, [int(i) for i in allowed])
             allowed = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
             allowed_vectors = (

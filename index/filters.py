@@ -16,6 +16,9 @@ from typing import Any
 
 FilterValue = str | int | float | bool
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_\-]{1,64})?$")
+# How `item_meta` names a field one level down: parent, unit separator, child. No filter key
+# can contain the separator, and top-level keys that do are not indexed, so names never clash.
+NESTED_SEPARATOR = "\x1f"
 _OPS = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 MAX_CONDITIONS = 32
 MAX_IN_VALUES = 256
@@ -43,46 +46,111 @@ def _sql_value(value: FilterValue) -> Any:
     return value
 
 
-def compile_filter(filter_: dict[str, Any] | None) -> tuple[str, list[Any]]:
-    """Return a SQL boolean expression over column `metadata` and its parameters."""
+Condition = tuple[str, str, Any]  # (key, operator, checked argument)
+
+
+def parse_filter(filter_: dict[str, Any] | None) -> list[Condition]:
+    """Validate a filter into (key, operator, argument) conditions that must all hold.
+    Operators: the comparison operators, $in/$nin (a list of SQL values) and $exists."""
     if not filter_:
-        return "1", []
+        return []
     if not isinstance(filter_, dict):
         raise FilterError("filter must be a JSON object")
     if len(filter_) > MAX_CONDITIONS:
         raise FilterError(f"filter has more than {MAX_CONDITIONS} keys")
-    clauses: list[str] = []
-    params: list[Any] = []
+    conditions: list[Condition] = []
     for key, cond in filter_.items():
         if not isinstance(key, str) or not _KEY.match(key):
             raise FilterError(f"filter key {key!r} must match {_KEY.pattern}")
-        path = "$." + ".".join(f'"{part}"' for part in key.split("."))
-        field = "json_extract(metadata, ?)"
         if not isinstance(cond, dict):
-            value = _check_scalar(key, cond)
-            clauses.append(f"{field} = ?")
-            params += [path, _sql_value(value)]
+            conditions.append((key, "$eq", _sql_value(_check_scalar(key, cond))))
             continue
         if not cond:
             raise FilterError(f"filter for {key!r} has no operator")
         for op, arg in cond.items():
             if op in _OPS:
-                value = _check_scalar(key, arg)
-                clauses.append(f"{field} {_OPS[op]} ?")
-                params += [path, _sql_value(value)]
+                conditions.append((key, op, _sql_value(_check_scalar(key, arg))))
             elif op in ("$in", "$nin"):
                 if not isinstance(arg, list) or not arg or len(arg) > MAX_IN_VALUES:
                     raise FilterError(f"{op} for {key!r} needs a list of 1..{MAX_IN_VALUES} values")
-                values = [_sql_value(_check_scalar(key, v)) for v in arg]
-                marks = ",".join("?" * len(values))
-                negate = "NOT " if op == "$nin" else ""
-                clauses.append(f"{field} {negate}IN ({marks})")
-                params += [path, *values]
+                conditions.append((key, op, [_sql_value(_check_scalar(key, v)) for v in arg]))
             elif op == "$exists":
                 if not isinstance(arg, bool):
                     raise FilterError(f"$exists for {key!r} must be true or false")
-                clauses.append(f"json_type(metadata, ?) IS {'NOT ' if arg else ''}NULL")
-                params.append(path)
+                conditions.append((key, op, arg))
             else:
                 raise FilterError(f"unknown filter operator {op!r} for {key!r}")
+    return conditions
+
+
+def _value_clause(column: str, op: str, arg: Any) -> tuple[str, list[Any]]:
+    if op in _OPS:
+        return f"{column} {_OPS[op]} ?", [arg]
+    marks = ",".join("?" * len(arg))
+    return f"{column} {'NOT ' if op == '$nin' else ''}IN ({marks})", list(arg)
+
+
+def compile_filter(filter_: dict[str, Any] | None) -> tuple[str, list[Any]]:
+    """Return a SQL boolean expression over column `metadata` and its parameters.
+
+    This reads the JSON of every row it is asked about (a full scan when used as a WHERE
+    clause); `compile_indexed_filter` answers the same question from the indexed side table.
+    """
+    conditions = parse_filter(filter_)
+    if not conditions:
+        return "1", []
+    clauses: list[str] = []
+    params: list[Any] = []
+    for key, op, arg in conditions:
+        path = "$." + ".".join(f'"{part}"' for part in key.split("."))
+        if op == "$exists":
+            clauses.append(f"json_type(metadata, ?) IS {'NOT ' if arg else ''}NULL")
+            params.append(path)
+            continue
+        clause, values = _value_clause("json_extract(metadata, ?)", op, arg)
+        clauses.append(clause)
+        params += [path, *values]
     return " AND ".join(clauses), params
+
+
+def compile_indexed_filter(
+    filter_: dict[str, Any] | None, kind: str
+) -> tuple[str, list[Any]] | None:
+    """A SQL query of the ids of `kind` matching the filter, answered from `item_meta` (one row
+    per item and top-level key; `value` is exactly what json_extract returns for that key, so
+    comparisons, type ordering, lists and booleans behave as in `compile_filter`). Each key is
+    one range of the (kind, key, value, item_id) index; keys are intersected. None: no filter.
+    """
+    conditions = parse_filter(filter_)
+    if not conditions:
+        return None
+    by_key: dict[str, list[tuple[str, Any]]] = {}
+    for key, op, arg in conditions:
+        by_key.setdefault(key.replace(".", NESTED_SEPARATOR), []).append((op, arg))
+    parts: list[str] = []
+    params: list[Any] = []
+    for key, ops in by_key.items():
+        where = ["kind = ?", "key = ?"]
+        values: list[Any] = [kind, key]
+        absent = False
+        for op, arg in ops:
+            if op == "$exists":
+                # a row exists for the key exactly when json_type() is not NULL
+                absent = absent or not arg
+                continue
+            clause, args = _value_clause("value", op, arg)
+            where.append(clause)
+            values += args
+        keyed = f"SELECT item_id AS id FROM item_meta WHERE {' AND '.join(where)}"
+        if absent:
+            # Absent, and (if any value condition) matching it: nothing, as json_extract of an
+            # absent key is NULL; the EXCEPT of the key's rows from all ids says exactly that.
+            if len(where) > 2:
+                parts.append("SELECT item_id AS id FROM item_meta WHERE 0")
+                continue
+            parts.append(f"SELECT id FROM (SELECT id FROM items WHERE kind = ? EXCEPT {keyed})")
+            params.append(kind)
+        else:
+            parts.append(keyed)
+        params += values
+    return " INTERSECT ".join(parts), params

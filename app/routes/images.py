@@ -56,7 +56,9 @@ async def get_image(backend: BackendDep, image_id: int) -> ImageItem:
 @router.get("/{image_id}/content", response_class=FileResponse)
 async def image_content(backend: BackendDep, image_id: int) -> FileResponse:
     item = await items.get_item(backend, "image", image_id)
-    path = backend.library.media.path_of(item.media_path or "")
+    if item.media_path is None:
+        raise NotFound(items.NO_FILE.format(id=image_id))
+    path = backend.library.media.path_of(item.media_path)
     if not path.is_file():
         raise NotFound(f"the file of image {image_id} is missing")
     return FileResponse(
@@ -69,6 +71,8 @@ async def image_content(backend: BackendDep, image_id: int) -> FileResponse:
 @router.get("/{image_id}/thumbnail", response_class=FileResponse)
 async def image_thumbnail(backend: BackendDep, image_id: int) -> FileResponse:
     item = await items.get_item(backend, "image", image_id)
+    if item.media_path is None:
+        raise NotFound(items.NO_FILE.format(id=image_id))
     path = backend.library.media.thumbnail_path(item.sha256)
     if not path.is_file():
         raise NotFound(f"the thumbnail of image {image_id} is missing")

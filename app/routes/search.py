@@ -1,4 +1,4 @@
-"""/v1/search/*: text-to-image, image-to-image, image-to-text."""
+"""/v1/search/*: text-to-image, vector-to-image, image-to-image, image-to-text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from fastapi import APIRouter, File, Form, UploadFile
 from app.deps import BackendDep
 from app.routes.bodies import image_hit, text_hit
 from app.routes.common import ERROR_RESPONSES, parse_filter, spool_all
-from app.schemas import HARD_MAX_K, MIN_SCORE_HELP, ImageResults, TextResults, TextSearch
+from app.schemas import (
+    HARD_MAX_K,
+    MIN_SCORE_HELP,
+    ImageResults,
+    TextResults,
+    TextSearch,
+    VectorSearch,
+)
 from app.services import search as search_service
 from app.services.items import UploadSource
 
@@ -38,6 +45,15 @@ async def search_text(backend: BackendDep, body: TextSearch) -> ImageResults:
         rerank=body.rerank,
         rerank_k=body.rerank_k,
         min_score=body.min_score,
+    )
+    return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
+
+
+@router.post("/vector", response_model=ImageResults)
+async def search_vector(backend: BackendDep, body: VectorSearch) -> ImageResults:
+    """Images nearest to an embedding the caller computed (the model's dimension)."""
+    outcome = await search_service.search_by_vector(
+        backend, body.vector, k=body.k, filter_=body.filter, min_score=body.min_score
     )
     return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
 

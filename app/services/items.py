@@ -47,6 +47,12 @@ from models.inputs.decode import (
 log = logging.getLogger(__name__)
 
 
+NO_FILE = (
+    "image {id} was imported as an embedding without its image file (xmodal import): its "
+    "metadata and vector are stored, its content and thumbnail are not"
+)
+
+
 @dataclass
 class UploadSource:
     path: Path  # a temp file under the media store's tmp/, removed or moved by the service
@@ -154,15 +160,17 @@ def check_metadata(value: Any, max_bytes: int) -> dict[str, Any]:
 
 @dataclass
 class ImageToStore:
-    """One decoded image on its way into the library."""
+    """One decoded image on its way into the library; or, from `xmodal import`, an embedding
+    whose image bytes are not here (`source` None: no file, no thumbnail; `sha256` is then the
+    row's identity, not a content hash)."""
 
-    source: Path  # the file to copy (or move) into the media store
+    source: Path | None  # the file to copy (or move) into the media store
     sha256: str
-    thumbnail: bytes
-    mime: str
-    width: int
-    height: int
-    size: int
+    thumbnail: bytes | None
+    mime: str | None
+    width: int | None
+    height: int | None
+    size: int | None
     filename: str | None
     metadata: dict[str, Any]
     # None when the content was already stored (no forward pass spent on it); then `pixels`
@@ -172,11 +180,12 @@ class ImageToStore:
 
 
 def commit_images(
-    library: Library, images: list[ImageToStore], *, move: bool
+    library: Library, images: list[ImageToStore], *, move: bool, catch_up: bool = True
 ) -> list[tuple[StoredItem, bool]]:
     """Store files, thumbnails and rows in one SQLite transaction, the acknowledgement point;
     then catch the FAISS index up. Returns (stored item, created) per image, in order.
-    `move`: the sources are temp files of ours (uploads) rather than the user's files."""
+    `move`: the sources are temp files of ours (uploads) rather than the user's files.
+    `catch_up=False` (bulk import): leave the index to catch up, or rebuild, once at the end."""
     with library.write_lock:
         unembedded = [i for i in images if i.vector is None]
         if unembedded:
@@ -193,10 +202,13 @@ def commit_images(
         try:
             items = []
             for image in images:
-                relative = library.media.relative_path(image.sha256, image.mime)
-                if image.vector is not None:
-                    library.media.put_file(image.source, relative, move=move)
-                    library.media.put_thumbnail(image.sha256, image.thumbnail)
+                relative = None
+                if image.source is not None:
+                    relative = library.media.relative_path(image.sha256, image.mime or "")
+                    if image.vector is not None:
+                        library.media.put_file(image.source, relative, move=move)
+                        if image.thumbnail is not None:
+                            library.media.put_thumbnail(image.sha256, image.thumbnail)
                 items.append(
                     NewItem(
                         kind="image",
@@ -217,18 +229,22 @@ def commit_images(
             results = library.store.add_items(items)
         except (OSError, sqlite3.Error) as exc:
             raise storage_error(exc) from exc
-    library.images.catch_up()
+    if catch_up:
+        library.images.catch_up()
     return results
 
 
-def commit_texts(library: Library, items: list[NewItem]) -> list[tuple[StoredItem, bool]]:
+def commit_texts(
+    library: Library, items: list[NewItem], *, catch_up: bool = True
+) -> list[tuple[StoredItem, bool]]:
     """Texts' rows in one transaction, then the FAISS index caught up."""
     with library.write_lock:
         try:
             results = library.store.add_items(items)
         except (OSError, sqlite3.Error) as exc:
             raise storage_error(exc) from exc
-    library.texts.catch_up()
+    if catch_up:
+        library.texts.catch_up()
     return results
 
 

@@ -15,7 +15,7 @@ from app.errors import InvalidField, NotFound, RerankUnavailable
 from app.library import Library
 from app.runtime import Backend
 from app.services.forward_passes import RerankJob
-from app.services.items import UploadSource, checked_text, prepare_image
+from app.services.items import NO_FILE, UploadSource, checked_text, prepare_image
 from index.collection import IndexedCollection, SearchHit
 from index.filters import FilterError
 from index.store import Kind, StoredItem
@@ -60,6 +60,8 @@ def _load_pixels(library: Library, items: list[StoredItem]) -> list[torch.Tensor
     encoder = library.encoder
     pixels = []
     for item in items:
+        if item.media_path is None:
+            raise InvalidField(f"cannot re-rank: {NO_FILE.format(id=item.id)}")
         decoded = decode_image(
             library.media.path_of(item.media_path or ""),
             max_pixels=1 << 62,  # stored images passed the limit when they were uploaded
@@ -147,6 +149,37 @@ async def search_by_text(
         pixels = await to_thread.run_sync(_load_pixels, library, [h.item for h in hits])
         await _rerank(reranker, hits, RerankJob([query], pixels))
     return SearchOutcome(_cut(hits, k, min_score), (time.perf_counter() - started) * 1000)
+
+
+def query_vector(values: list[float], dim: int) -> np.ndarray:
+    """A caller's embedding as a query: the model's dimension, finite, not zero; normalised."""
+    if len(values) != dim:
+        raise InvalidField(f"vector has {len(values)} dimensions; the model's is {dim}")
+    vector = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(vector).all():
+        raise InvalidField("vector contains NaN or infinite values")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise InvalidField("vector has zero (or overflowing) length; it cannot be normalised")
+    return (vector / norm).astype(np.float32)
+
+
+async def search_by_vector(
+    backend: Backend,
+    values: list[float],
+    *,
+    k: int,
+    filter_: dict[str, Any] | None = None,
+    min_score: float | None = None,
+) -> SearchOutcome:
+    """Images nearest to a caller's own embedding: no forward pass."""
+    started = time.perf_counter()
+    library = backend.library
+    _check_k(library, k, False, None)
+    vector = query_vector(values, library.encoder.dim)
+    found = await to_thread.run_sync(_search, library, library.images, vector, k, filter_)
+    hits = [Hit(item, score) for item, score in found if min_score is None or score >= min_score]
+    return SearchOutcome(hits, (time.perf_counter() - started) * 1000)
 
 
 async def search_by_image(

@@ -119,3 +119,25 @@ def test_store_refuses_other_format(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreVersionError, match="format 999"):
         MetadataStore(tmp_path / "db.sqlite3")
+
+
+def test_ivfpq_built_from_a_streamed_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IVF-PQ trains on an even sample and adds chunk by chunk (no full copy in memory)."""
+    import index.collection as collection_module
+    from index.vectors import IndexParams
+
+    monkeypatch.setattr(collection_module, "TRAIN_SAMPLE", 1000)
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    x = clustered(3000)
+    ids = _add(store, x)
+    coll = _collection(
+        store, tmp_path / "i.faiss", kind="ivfpq", params=IndexParams(ivf_nlist=16, pq_m=8)
+    )
+    coll.open()
+    assert coll.index_kind == "ivfpq" and len(coll) == 3000
+    hits = coll.search(x[:20], 1)
+    assert sum(h[0].id == ids[i] for i, h in enumerate(hits)) >= 19
+    seq, all_ids, vectors = store.snapshot("image")
+    assert seq == 3000 and all_ids.tolist() == ids and np.allclose(vectors, x)

@@ -100,3 +100,55 @@ def test_save_load_and_corruption(tmp_path: Path) -> None:
     path.write_bytes(b"garbage")
     with pytest.raises(IndexFileError):
         VectorIndex.load(path, fingerprint="fp", dim=DIM)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_filtered_search_small_exact_and_large_bitmap(kind: str, shuffled: bool) -> None:
+    """A small filter is scored exactly from FAISS's own vectors (ids added in any order,
+    deleted ids excluded); a large one goes through the bitmap selector. Both only return
+    allowed, live ids, and the small one equals NumPy over the allowed set."""
+    x = clustered(3000, seed=3)
+    ids = np.arange(5, 3005, dtype=np.int64)
+    order = np.random.default_rng(1).permutation(3000) if shuffled else np.arange(3000)
+    index = VectorIndex(DIM, IndexParams(kind=kind))  # type: ignore[arg-type]
+    index.add(ids[order[:2000]], x[order[:2000]])
+    index.add(ids[order[2000:]], x[order[2000:]])
+    dead = ids[::7]
+    index.remove(dead)
+    q = clustered(5, seed=9)
+    small = ids[1::13][:150]
+    live = np.setdiff1d(small, dead)
+    _, got = index.search(q, 10, small)
+    want = reference(x[live - 5], live, q, 10)
+    assert got.tolist() == want.tolist()
+    large = ids[ids % 3 == 0]  # 1000 ids: the selector path, once SMALL_FILTER is lowered
+    import index.vectors as vectors_module
+
+    old = vectors_module.SMALL_FILTER
+    vectors_module.SMALL_FILTER = 10
+    try:
+        _, got_large = index.search(q, 10, large)
+    finally:
+        vectors_module.SMALL_FILTER = old
+    allowed = set(np.setdiff1d(large, dead).tolist())
+    assert all(i in allowed for i in got_large.ravel().tolist() if i >= 0)
+    truth = reference(x[np.array(sorted(allowed)) - 5], np.array(sorted(allowed)), q, 10)
+    assert recall(got_large, truth) >= 0.9
+
+
+def test_ivfpq_deletes_are_tombstones_saved_and_excluded(tmp_path: Path) -> None:
+    x = clustered(3000)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    lookup = dict(zip(ids.tolist(), x, strict=True))
+    params = IndexParams(kind="ivfpq", ivf_nlist=32, ivf_nprobe=16, pq_m=8)
+    index = VectorIndex(DIM, params, lambda found: np.stack([lookup[int(i)] for i in found]))
+    index.train(x)
+    index.add(ids, x)
+    index.remove(np.concatenate([ids[:100], [99_999]]))  # an unknown id is ignored
+    assert len(index) == 2900 and index.tombstones == 100
+    _, got = index.search(x[:50], 10)
+    assert not set(got.ravel().tolist()) & set(ids[:100].tolist())
+    index.save(tmp_path / "i.faiss", fingerprint="f")
+    loaded = VectorIndex.load(tmp_path / "i.faiss", fingerprint="f", dim=DIM)
+    assert loaded.tombstones == 100 and len(loaded) == 2900
