@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Interval
 from pydantic import BaseModel, ConfigDict, Field
 
 FilterSpec = dict[str, Any]
 HARD_MAX_K = 10_000
 HARD_MAX_QUERY = 10_000
+
+# Every id and cursor the API accepts is bounded once, here: SQLite integers are 64-bit signed,
+# so a larger number can never name a stored item and must be a 422, not an OverflowError.
+MAX_ID = 2**63 - 1
+ItemId = Annotated[int, Interval(ge=1, le=MAX_ID)]
+Cursor = Annotated[int, Interval(ge=0, le=MAX_ID)]
 
 
 class ErrorDetail(BaseModel):
@@ -54,13 +61,13 @@ class ImageList(BaseModel):
 
 
 class TextIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     text: str = Field(min_length=1, max_length=HARD_MAX_QUERY)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class TextsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     items: list[TextIn] = Field(min_length=1, max_length=1024)
 
 
@@ -75,7 +82,7 @@ class TextList(BaseModel):
 
 
 class TextSearch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     query: str = Field(min_length=1, max_length=HARD_MAX_QUERY)
     k: int = Field(10, ge=1, le=HARD_MAX_K)
     filter: FilterSpec | None = Field(
@@ -114,7 +121,7 @@ class TextResults(BaseModel):
 
 
 class EmbedTextsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     texts: list[str] = Field(min_length=1, max_length=1024)
 
 

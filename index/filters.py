@@ -9,6 +9,7 @@ Values are strings, numbers or booleans. Keys are plain names (letters, digits, 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -23,11 +24,21 @@ class FilterError(ValueError):
     """A filter that is not well formed; the message says which part."""
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
+
+
 def _check_scalar(key: str, value: Any) -> FilterValue:
     # bool is an int in Python; accept it explicitly, reject containers and null.
-    if isinstance(value, bool | int | float | str) and not (
-        isinstance(value, float) and value != value
-    ):
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            # SQLite would raise OverflowError on binding it
+            raise FilterError(f"filter value for {key!r} is outside the 64-bit integer range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise FilterError(f"filter value for {key!r} must be a finite number")
         return value
     raise FilterError(
         f"filter value for {key!r} must be a string, number or boolean, got {type(value).__name__}"

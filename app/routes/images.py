@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app.deps import BackendDep
 from app.errors import NotFound
 from app.routes.bodies import image_item
 from app.routes.common import ERROR_RESPONSES, spool_all
-from app.schemas import ImageAdded, ImageItem, ImageList
+from app.schemas import Cursor, ImageAdded, ImageItem, ImageList, ItemId
 from app.services import items
 
 router = APIRouter(prefix="/images", tags=["images"], responses=ERROR_RESPONSES)
+
+ImageId = Annotated[ItemId, Path(description="the image's id")]
 
 
 @router.post("", status_code=201, response_model=ImageAdded)
@@ -33,7 +35,7 @@ async def upload_images(
 async def list_images(
     backend: BackendDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    after: Annotated[int, Query(ge=0, description="id to start after")] = 0,
+    after: Annotated[Cursor, Query(description="id to start after")] = 0,
 ) -> ImageList:
     page = await items.list_items(backend, "image", after=after, limit=limit)
     return ImageList(
@@ -42,12 +44,12 @@ async def list_images(
 
 
 @router.get("/{image_id}", response_model=ImageItem)
-async def get_image(backend: BackendDep, image_id: int) -> ImageItem:
+async def get_image(backend: BackendDep, image_id: ImageId) -> ImageItem:
     return image_item(await items.get_item(backend, "image", image_id))
 
 
 @router.get("/{image_id}/content", response_class=FileResponse)
-async def image_content(backend: BackendDep, image_id: int) -> FileResponse:
+async def image_content(backend: BackendDep, image_id: ImageId) -> FileResponse:
     item = await items.get_item(backend, "image", image_id)
     path = backend.library.media.path_of(item.media_path or "")
     if not path.is_file():
@@ -60,7 +62,7 @@ async def image_content(backend: BackendDep, image_id: int) -> FileResponse:
 
 
 @router.get("/{image_id}/thumbnail", response_class=FileResponse)
-async def image_thumbnail(backend: BackendDep, image_id: int) -> FileResponse:
+async def image_thumbnail(backend: BackendDep, image_id: ImageId) -> FileResponse:
     item = await items.get_item(backend, "image", image_id)
     path = backend.library.media.thumbnail_path(item.sha256)
     if not path.is_file():
@@ -73,6 +75,6 @@ async def image_thumbnail(backend: BackendDep, image_id: int) -> FileResponse:
 
 
 @router.delete("/{image_id}", status_code=204, response_class=Response)
-async def delete_image(backend: BackendDep, image_id: int) -> Response:
+async def delete_image(backend: BackendDep, image_id: ImageId) -> Response:
     await items.delete_item(backend, "image", image_id)
     return Response(status_code=204)

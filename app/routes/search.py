@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from app.deps import BackendDep
 from app.routes.bodies import image_hit, text_hit
 from app.routes.common import ERROR_RESPONSES, parse_filter, spool_all
-from app.schemas import HARD_MAX_K, ImageResults, TextResults, TextSearch
+from app.schemas import HARD_MAX_K, ImageResults, ItemId, TextResults, TextSearch
 from app.services import search as search_service
 from app.services.items import UploadSource
 
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 KForm = Annotated[int, Form(ge=1, le=HARD_MAX_K)]
 FilterForm = Annotated[str | None, Form(description="JSON object of metadata conditions")]
 FileForm = Annotated[UploadFile | None, File(description="the query image")]
-ImageIdForm = Annotated[int | None, Form(ge=1, description="a stored image as the query")]
+ImageIdForm = Annotated[ItemId | None, Form(description="a stored image as the query")]
 
 
 async def _source(backend: BackendDep, file: UploadFile | None) -> UploadSource | None:

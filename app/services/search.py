@@ -17,7 +17,7 @@ from app.runtime import Backend
 from app.services.forward_passes import RerankJob
 from app.services.items import UploadSource, checked_text, prepare_image
 from index.collection import IndexedCollection, SearchHit
-from index.filters import FilterError
+from index.filters import FilterError, compile_filter
 from index.store import Kind, StoredItem
 from models.inputs.decode import decode_image
 
@@ -41,6 +41,14 @@ def _check_k(library: Library, k: int, rerank: bool, rerank_k: int | None) -> No
         raise InvalidField(f"k must be between 1 and {limits.max_k}")
     if rerank and rerank_k is not None and not 1 <= rerank_k <= limits.max_rerank_k:
         raise InvalidField(f"rerank_k must be between 1 and {limits.max_rerank_k}")
+
+
+def _check_filter(filter_: dict[str, Any] | None) -> None:
+    """Refuse a malformed filter before any work is spent on the query (message names the key)."""
+    try:
+        compile_filter(filter_)
+    except FilterError as exc:
+        raise InvalidField(f"filter: {exc}") from None
 
 
 def _search(
@@ -128,6 +136,7 @@ async def search_by_text(
     library = backend.library
     query = checked_text(query, library.settings.limits.max_query_chars, "query")
     _check_k(library, k, rerank, rerank_k)
+    _check_filter(filter_)
     reranker = _reranker(backend) if rerank else None
     vector = await backend.text_encoder.submit(query)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
@@ -150,6 +159,7 @@ async def search_by_image(
     started = time.perf_counter()
     library = backend.library
     _check_k(library, k, False, None)
+    _check_filter(filter_)
     vector, _, _ = await _query_image_vector(backend, source, image_id)
     found = await to_thread.run_sync(_search, library, library.images, vector, k, filter_)
     hits = [Hit(item, score) for item, score in found]
@@ -169,6 +179,7 @@ async def search_texts_by_image(
     started = time.perf_counter()
     library = backend.library
     _check_k(library, k, rerank, rerank_k)
+    _check_filter(filter_)
     reranker = _reranker(backend) if rerank else None
     vector, pixels, item = await _query_image_vector(backend, source, image_id)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
