@@ -22,6 +22,7 @@ from app.deps import require_api_key
 from app.disconnect import CancelOnDisconnect
 from app.errors import XmodalError, status_for
 from app.metrics import REQUEST_LATENCY
+from app.openapi import install_openapi
 from app.routes import embed, images, ops, search, texts
 from app.runtime import Runtime
 from app.uploads import BodyLimitMiddleware
@@ -157,6 +158,7 @@ def create_app(
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app, settings.limits)
     guarded = [Depends(require_api_key)]
     for router in (images.router, texts.router, search.router, embed.router, ops.info_router):
         app.include_router(router, prefix="/v1", dependencies=guarded)

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 FilterValue = str | int | float | bool
-_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _OPS = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 MAX_CONDITIONS = 32
 MAX_IN_VALUES = 256
@@ -29,16 +29,22 @@ INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
 
 def _check_scalar(key: str, value: Any) -> FilterValue:
     # bool is an int in Python; accept it explicitly, reject containers and null.
-    if isinstance(value, bool | str):
+    if isinstance(value, bool):
         return value
-    if isinstance(value, int):
-        if not INT_MIN <= value <= INT_MAX:
-            # SQLite would raise OverflowError on binding it
-            raise FilterError(f"filter value for {key!r} is outside the 64-bit integer range")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FilterError(f"filter value for {key!r} is not valid Unicode") from None
         return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
             raise FilterError(f"filter value for {key!r} must be a finite number")
+        if not INT_MIN <= value <= INT_MAX:
+            # an int would not bind (OverflowError); one rule for ints and floats alike
+            raise FilterError(
+                f"filter value for {key!r} is outside [-2^63, 2^63-1], SQLite's integer range"
+            )
         return value
     raise FilterError(
         f"filter value for {key!r} must be a string, number or boolean, got {type(value).__name__}"
@@ -63,7 +69,7 @@ def compile_filter(filter_: dict[str, Any] | None) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     for key, cond in filter_.items():
-        if not isinstance(key, str) or not _KEY.match(key):
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise FilterError(f"filter key {key!r} must match {_KEY.pattern}")
         path = f'$."{key}"'
         field = "json_extract(metadata, ?)"
@@ -95,3 +101,29 @@ def compile_filter(filter_: dict[str, Any] | None) -> tuple[str, list[Any]]:
             else:
                 raise FilterError(f"unknown filter operator {op!r} for {key!r}")
     return " AND ".join(clauses), params
+
+
+def filter_json_schema() -> dict[str, Any]:
+    """The JSON Schema of exactly what `compile_filter` accepts, for the OpenAPI document."""
+    number = {"type": "number", "minimum": INT_MIN, "maximum": INT_MAX}
+    scalar = {"anyOf": [{"type": "string"}, {"type": "boolean"}, number]}
+    values = {"type": "array", "items": scalar, "minItems": 1, "maxItems": MAX_IN_VALUES}
+    operators: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            **{op: scalar for op in _OPS},
+            "$in": values,
+            "$nin": values,
+            "$exists": {"type": "boolean"},
+        },
+        "additionalProperties": False,
+        "minProperties": 1,
+    }
+    return {
+        "type": "object",
+        "description": 'metadata conditions that must all hold, e.g. {"album": "paris", '
+        '"year": {"$gte": 2020}}; operators $eq $ne $gt $gte $lt $lte $in $nin $exists',
+        "maxProperties": MAX_CONDITIONS,
+        "propertyNames": {"pattern": _KEY.pattern},
+        "additionalProperties": {"anyOf": [scalar, operators]},
+    }

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
+from fastapi import APIRouter, Path, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app.deps import BackendDep
 from app.errors import NotFound
 from app.routes.bodies import image_item
-from app.routes.common import ERROR_RESPONSES, spool_all
+from app.routes.common import (
+    BODY_ERRORS,
+    ERROR_RESPONSES,
+    WRITE_ERRORS,
+    FilesField,
+    json_form,
+    spool_all,
+)
 from app.schemas import Cursor, ImageAdded, ImageItem, ImageList, ItemId
 from app.services import items
 
@@ -19,11 +26,15 @@ router = APIRouter(prefix="/images", tags=["images"], responses=ERROR_RESPONSES)
 ImageId = Annotated[ItemId, Path(description="the image's id")]
 
 
-@router.post("", status_code=201, response_model=ImageAdded)
+@router.post(
+    "", status_code=201, response_model=ImageAdded, responses={**BODY_ERRORS, **WRITE_ERRORS}
+)
 async def upload_images(
     backend: BackendDep,
-    files: Annotated[list[UploadFile], File(description="one or more image files")],
-    metadata: Annotated[str | None, Form(description="JSON object stored with each file")] = None,
+    files: Annotated[list[UploadFile], FilesField],
+    metadata: Annotated[
+        str | None, json_form("metadata", "JSON object stored with each file")
+    ] = None,
 ) -> ImageAdded:
     meta = items.parse_metadata(metadata, backend.settings.limits.max_metadata_bytes)
     sources = await spool_all(backend, files)
@@ -74,7 +85,7 @@ async def image_thumbnail(backend: BackendDep, image_id: ImageId) -> FileRespons
     )
 
 
-@router.delete("/{image_id}", status_code=204, response_class=Response)
+@router.delete("/{image_id}", status_code=204, response_class=Response, responses=WRITE_ERRORS)
 async def delete_image(backend: BackendDep, image_id: ImageId) -> Response:
     await items.delete_item(backend, "image", image_id)
     return Response(status_code=204)

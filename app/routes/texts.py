@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from app.deps import BackendDep
 from app.routes.bodies import text_item
-from app.routes.common import ERROR_RESPONSES
+from app.routes.common import BODY_ERRORS, ERROR_RESPONSES, WRITE_ERRORS
 from app.schemas import Cursor, ItemId, TextAdded, TextItem, TextList, TextsIn
 from app.services import items
 
@@ -17,7 +17,9 @@ router = APIRouter(prefix="/texts", tags=["texts"], responses=ERROR_RESPONSES)
 TextId = Annotated[ItemId, Path(description="the text's id")]
 
 
-@router.post("", status_code=201, response_model=TextAdded)
+@router.post(
+    "", status_code=201, response_model=TextAdded, responses={**BODY_ERRORS, **WRITE_ERRORS}
+)
 async def add_texts(backend: BackendDep, body: TextsIn) -> TextAdded:
     added = await items.add_texts(backend, [(t.text, t.metadata) for t in body.items])
     return TextAdded(items=[text_item(a.item, a.duplicate) for a in added])
@@ -40,7 +42,7 @@ async def get_text(backend: BackendDep, text_id: TextId) -> TextItem:
     return text_item(await items.get_item(backend, "text", text_id))
 
 
-@router.delete("/{text_id}", status_code=204, response_class=Response)
+@router.delete("/{text_id}", status_code=204, response_class=Response, responses=WRITE_ERRORS)
 async def delete_text(backend: BackendDep, text_id: TextId) -> Response:
     await items.delete_item(backend, "text", text_id)
     return Response(status_code=204)

@@ -271,18 +271,20 @@ def checked_text(text: str, max_chars: int, what: str = "text") -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidField(f"{what} is not valid Unicode (lone surrogate)") from None
+    # the length as sent (what the schema's maxLength states), then the content
+    if len(text) > max_chars:
+        raise InvalidField(f"{what} is longer than {max_chars} characters")
     cleaned = text.strip()
     if not cleaned:
         raise InvalidField(f"{what} is empty")
-    if len(cleaned) > max_chars:
-        raise InvalidField(f"{what} is longer than {max_chars} characters")
     return cleaned
 
 
 async def add_texts(backend: Backend, entries: list[tuple[str, dict[str, Any]]]) -> list[AddedItem]:
     limits = backend.settings.limits
     if len(entries) > limits.max_texts_per_request:
-        raise TooLarge(f"at most {limits.max_texts_per_request} texts per request")
+        # a bound the schema states (maxItems): a field error like any other
+        raise InvalidField(f"items: at most {limits.max_texts_per_request} texts per request")
     cleaned = [
         (
             checked_text(text, limits.max_query_chars),

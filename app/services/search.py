@@ -39,7 +39,8 @@ def _check_k(library: Library, k: int, rerank: bool, rerank_k: int | None) -> No
     limits = library.settings.limits
     if not 1 <= k <= limits.max_k:
         raise InvalidField(f"k must be between 1 and {limits.max_k}")
-    if rerank and rerank_k is not None and not 1 <= rerank_k <= limits.max_rerank_k:
+    # checked with or without `rerank`, as the schema states it
+    if rerank_k is not None and not 1 <= rerank_k <= limits.max_rerank_k:
         raise InvalidField(f"rerank_k must be between 1 and {limits.max_rerank_k}")
 
 
@@ -195,6 +196,8 @@ async def search_texts_by_image(
 
 async def embed_texts(backend: Backend, texts: list[str]) -> list[np.ndarray]:
     limits = backend.settings.limits
+    if len(texts) > limits.max_texts_per_request:
+        raise InvalidField(f"texts: at most {limits.max_texts_per_request} texts per request")
     cleaned = [checked_text(t, limits.max_query_chars, f"texts[{i}]") for i, t in enumerate(texts)]
     return await backend.text_encoder.submit_many(cleaned)
 
@@ -219,7 +222,9 @@ async def classify(
     if "{}" not in template:
         raise InvalidField("template must contain {} where the label goes")
     vectors = await embed_images(backend, [source])
-    label_vectors = await backend.text_encoder.submit_many([template.format(x) for x in labels])
+    # replace, not str.format: any other braces in the template are text, not a format error
+    prompts = [template.replace("{}", label) for label in labels]
+    label_vectors = await backend.text_encoder.submit_many(prompts)
     logits = np.stack(label_vectors) @ vectors[0]
     model: Any = backend.encoder.model
     scale = float(model.logit_scale.exp().item())

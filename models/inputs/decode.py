@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}
+# The parsers Image.open may try; the JPEG one also answers MPO (multi-picture JPEG) files.
+_OPENERS = sorted(ALLOWED_FORMATS - {"MPO"})
 MIME_BY_FORMAT = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
@@ -93,7 +95,9 @@ def _open_checked(fp: BinaryIO | Path, max_pixels: int) -> tuple[Image.Image, Im
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; PIL's own bomb check must not fire first.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            # Only the allowed formats' parsers run: bytes that look like another format (IPTC,
+            # EPS, ...) are no supported image (415), and exotic decoders never see client data.
+            img = Image.open(fp, formats=_OPENERS)
     except UnidentifiedImageError:
         raise NotAnImage(
             "not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)"
