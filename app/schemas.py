@@ -16,8 +16,18 @@ HARD_MAX_RERANK_K = 1024
 # Every id and cursor the API accepts is bounded once, here: SQLite integers are 64-bit signed,
 # so a larger number can never name a stored item and must be a 422, not an OverflowError.
 MAX_ID = 2**63 - 1
-ItemId = Annotated[int, Interval(ge=1, le=MAX_ID)]
-Cursor = Annotated[int, Interval(ge=0, le=MAX_ID)]
+
+
+def _digits(value: Any) -> Any:
+    """An id in a URL or form is written in digits: not "2.0", "1_000" or " 7", which lax
+    parsing would read as another, existing, id."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("Input should be a whole number written in digits")
+    return value
+
+
+ItemId = Annotated[int, Interval(ge=1, le=MAX_ID), BeforeValidator(_digits)]
+Cursor = Annotated[int, Interval(ge=0, le=MAX_ID), BeforeValidator(_digits)]
 
 # The filter is checked by index/filters.py, whose own JSON Schema describes it exactly.
 FilterSpec = Annotated[dict[str, Any], WithJsonSchema(filter_json_schema())]
