@@ -9,6 +9,7 @@ a different item.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -53,6 +54,10 @@ CREATE INDEX IF NOT EXISTS changes_kind_seq ON changes (kind, seq);
 
 class StoreVersionError(RuntimeError):
     """The data dir was written by a format this version cannot read."""
+
+
+class StoreCorrupt(RuntimeError):
+    """The SQLite file cannot be read as a database (header overwritten, not SQLite at all)."""
 
 
 @dataclass
@@ -141,13 +146,29 @@ class MetadataStore:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before we acknowledge it, power loss included.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        opened = os.stat(path)
+        # the file this connection writes: if the path later names another one (or none), the
+        # data dir was removed or replaced under us
+        self.identity = (opened.st_dev, opened.st_ino)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before we acknowledge it, power loss included.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            with self._lock:
+                self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise StoreCorrupt(
+                f"{path} is not a readable SQLite database ({exc}). It holds every item and "
+                f"embedding, so xmodal will not start on it or overwrite it. Restore "
+                f"{path.name} (with {path.name}-wal, if any) from a backup, or move the data "
+                f"dir aside and start with a new one (then re-index: xmodal index)."
+            ) from None
         with self._lock:
-            self._db.executescript(_SCHEMA)
             version = self.get_meta("format_version")
             if version is None:
                 self.set_meta("format_version", str(FORMAT_VERSION))
@@ -333,6 +354,12 @@ class MetadataStore:
         return np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
 
     # -- change log ------------------------------------------------------------------------
+    def last_seq(self) -> int:
+        """The newest change of any kind (what a collection's applied_seq can be at most)."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(seq), 0) AS s FROM changes").fetchone()
+        return int(row["s"])
+
     def snapshot_seq(self, kind: Kind) -> int:
         with self._lock:
             row = self._db.execute(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
+from anyio import to_thread
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -66,7 +67,13 @@ async def healthz() -> Health:
 @ops_router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(runtime: RuntimeDep) -> Response:
     if runtime.ready:
-        return JSONResponse(Health(status="ready").model_dump())
+        problem = await to_thread.run_sync(runtime.storage_problem)
+        if problem is None:
+            return JSONResponse(Health(status="ready").model_dump())
+        # Reads may still work, writes answer 507: take this instance out of rotation.
+        detail = f"{problem}; writes fail (507) until it is fixed and the server restarted"
+        body = Health(status="degraded", detail=detail)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "30"})
     detail = runtime.startup_error or "loading the model and indexes"
     body = Health(status="failed" if runtime.startup_error else "starting", detail=detail)
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "2"})

@@ -27,6 +27,7 @@ from app.errors import (
     InvalidField,
     InvalidImage,
     NotFound,
+    StorageError,
     TooLarge,
     UnsupportedMedia,
     storage_error,
@@ -159,6 +160,14 @@ class ImageToStore:
     pixels: torch.Tensor | None = None
 
 
+def _check_writable(library: Library) -> None:
+    """Refuse a write the data dir cannot keep. SQLite goes on writing to a file that was
+    removed (its descriptor is still open): that write would be acknowledged and then lost."""
+    problem = library.storage_problem()
+    if problem is not None:
+        raise StorageError(f"{problem}; nothing was changed", retry_after_s=30)
+
+
 def commit_images(
     library: Library, images: list[ImageToStore], *, move: bool
 ) -> list[tuple[StoredItem, bool]]:
@@ -166,6 +175,7 @@ def commit_images(
     then catch the FAISS index up. Returns (stored item, created) per image, in order.
     `move`: the sources are temp files of ours (uploads) rather than the user's files."""
     with library.write_lock:
+        _check_writable(library)
         unembedded = [i for i in images if i.vector is None]
         if unembedded:
             # A duplicate whose original was deleted since the caller looked needs a vector
@@ -212,6 +222,7 @@ def commit_images(
 def commit_texts(library: Library, items: list[NewItem]) -> list[tuple[StoredItem, bool]]:
     """Texts' rows in one transaction, then the FAISS index caught up."""
     with library.write_lock:
+        _check_writable(library)
         try:
             results = library.store.add_items(items)
         except (OSError, sqlite3.Error) as exc:
@@ -305,6 +316,7 @@ async def add_texts(backend: Backend, entries: list[tuple[str, dict[str, Any]]])
 
 def _delete(library: Library, kind: Kind, item_id: int) -> StoredItem:
     with library.write_lock:
+        _check_writable(library)
         try:
             item = library.store.delete(kind, item_id)
         except sqlite3.Error as exc:
