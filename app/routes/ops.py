@@ -11,11 +11,12 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import BackendDep, RuntimeDep
-from app.schemas import Health, IndexInfo, Info, ModelInfo
+from app.schemas import ErrorBody, Health, IndexInfo, Info, ModelInfo
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
-info_router = APIRouter(tags=["ops"])
+# /v1/info: the API key (401) and readiness (503) apply to it as to every /v1 route
+info_router = APIRouter(tags=["ops"], responses={code: {"model": ErrorBody} for code in (401, 503)})
 ops_router = APIRouter(tags=["ops"])
 
 
