@@ -124,6 +124,8 @@ def filter_json_schema() -> dict[str, Any]:
         "description": 'metadata conditions that must all hold, e.g. {"album": "paris", '
         '"year": {"$gte": 2020}}; operators $eq $ne $gt $gte $lt $lte $in $nin $exists',
         "maxProperties": MAX_CONDITIONS,
-        "propertyNames": {"pattern": _KEY.pattern},
+        # `$(?!\n)`: Python's `$` also matches before a final newline, ECMA's does not; with
+        # the lookahead both dialects mean what `_KEY.fullmatch` means
+        "propertyNames": {"pattern": _KEY.pattern + r"(?!\n)"},
         "additionalProperties": {"anyOf": [scalar, operators]},
     }
