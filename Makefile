@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test test-ray lint typecheck pytest browser-deps clean
+.PHONY: venv serve test test-ray lint typecheck pytest fuzz browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ $(RAY_STAMP): $(STAMP)
 
 test-ray: $(RAY_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray tests/distributed
+
+# The long schemathesis run (all checks, all modes, stateful phase); `make test` runs it for 40 s.
+FUZZ_SECONDS ?= 240
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/e2e/test_fuzz.py --timeout=$$(($(FUZZ_SECONDS) + 600))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from app.errors import Overloaded
+from app.errors import Overloaded, TooLarge
 from app.metrics import BATCH_SIZE, QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,17 @@ class DynamicBatcher(Generic[In, Out]):
             raise
 
     async def submit_many(self, items: Sequence[In]) -> list[Out]:
+        """All or nothing: a request that does not fit the queue enqueues none of its items."""
+        if self._queue is not None:
+            if len(items) > self.max_queue:
+                raise TooLarge(
+                    f"{len(items)} items exceed the {self.name} queue ({self.max_queue})"
+                )
+            if self._queue.qsize() + len(items) > self.max_queue:
+                raise Overloaded(
+                    f"the {self.name} queue is full ({self.max_queue} waiting); retry shortly",
+                    retry_after_s=1.0,
+                )
         return list(await asyncio.gather(*(self.submit(item) for item in items)))
 
     # -- worker side -----------------------------------------------------------------------

@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,16 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings = with_remembered_model(_settings(args))
     encoder = load_encoder(encoder_spec(settings))
     library = Library.open(settings, encoder)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def stop_after_batch(signum: int, _frame: object) -> None:
+        # First SIGTERM/SIGINT: commit the batch in hand and close cleanly; a second one kills.
+        received.append(signum)
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous = {s: signal.signal(s, stop_after_batch) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         report = index_paths(
             library,
@@ -146,15 +158,25 @@ def cmd_index(args: argparse.Namespace) -> int:
             workers=args.workers,
             metadata=json.loads(args.metadata) if args.metadata else None,
             progress=not args.quiet,
+            stop=stop,
         )
     finally:
         library.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     for path, reason in report.failed:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(
         f"{report.added} added, {report.skipped_known} already stored, {len(report.failed)} "
         f"failed, {report.texts_added} captions added, {report.images_per_s:.1f} images/s"
     )
+    if report.interrupted:
+        print(
+            "interrupted: every batch before the signal is stored; run the same command again "
+            "to finish (stored files are skipped)",
+            file=sys.stderr,
+        )
+        return 128 + (received[0] if received else signal.SIGTERM)
     # Bad files are reported, not fatal; exit 1 only when nothing at all could be indexed.
     return 1 if report.failed and not (report.added or report.skipped_known) else 0
 

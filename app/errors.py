@@ -82,7 +82,8 @@ def storage_error(exc: BaseException) -> StorageError:
 STATUS_BY_ERROR: dict[type[XmodalError], int] = {
     InvalidField: 422,
     InvalidImage: 422,
-    RerankUnavailable: 422,
+    # 409: the request is well formed, the loaded model cannot do it (not a schema error)
+    RerankUnavailable: 409,
     UnsupportedMedia: 415,
     TooLarge: 413,
     NotFound: 404,

@@ -48,9 +48,12 @@ class DataDirLock:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
             fh.close()
+            who = f"process {holder}" if holder.isdigit() else "another xmodal process"
             raise DataDirLocked(
-                f"{self.path.parent} is in use by another xmodal process (a running server?). "
+                f"{self.path.parent} is in use by {who} (a running server?); see {self.path}. "
                 "Stop it, or send the work to it over HTTP (xmodal index/search --url URL)."
             ) from None
         fh.seek(0)
@@ -149,6 +152,26 @@ class Library:
     def save(self) -> None:
         self.images.save()
         self.texts.save()
+
+    def storage_problem(self) -> str | None:
+        """Why writes cannot succeed now, or None. Cheap (a few stat calls): /readyz asks it."""
+        db = self.store.path
+        try:
+            found = os.stat(db)
+        except FileNotFoundError:
+            return f"{db} is gone: the data dir was removed while the server runs"
+        except OSError as exc:
+            return f"{db} cannot be reached: {exc}"
+        if (found.st_dev, found.st_ino) != self.store.identity:
+            return f"{db} was replaced while the server runs"
+        for folder in (self.settings.data_dir, self.media.media, self.media.tmp):
+            try:
+                read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+            except OSError as exc:
+                return f"{folder} cannot be reached: {exc}"
+            if read_only or not os.access(folder, os.W_OK | os.X_OK):
+                return f"{folder} is read-only"
+        return None
 
     def close(self) -> None:
         for collection in (self.images, self.texts):

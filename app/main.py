@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
@@ -21,6 +22,7 @@ from app.deps import require_api_key
 from app.disconnect import CancelOnDisconnect
 from app.errors import XmodalError, status_for
 from app.metrics import REQUEST_LATENCY
+from app.openapi import install_openapi
 from app.routes import embed, images, ops, search, texts
 from app.runtime import BackendFactory, Runtime
 from app.uploads import BodyLimitMiddleware
@@ -59,6 +61,19 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers on this path (Starlette's 405 names only the first)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(XmodalError)
     async def _domain(_: Request, exc: XmodalError) -> JSONResponse:
@@ -69,10 +84,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_field", _describe_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODE_BY_STATUS.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return error_response(exc.status_code, code, message)
+        response = error_response(exc.status_code, code, message)
+        # Keep what the exception carries: a 405's `Allow` is required by RFC 9110 (15.5.6).
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; list them all.
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -140,6 +162,12 @@ def create_app(
     )
     app.state.settings = settings
     install_error_handlers(app)
+    def loaded_model() -> dict[str, int] | None:
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        backend = runtime.backend if runtime is not None else None
+        return None if backend is None else {"dim": backend.encoder.dim}
+
+    install_openapi(app, settings.limits, loaded_model)
     guarded = [Depends(require_api_key)]
     for router in (images.router, texts.router, search.router, embed.router, ops.info_router):
         app.include_router(router, prefix="/v1", dependencies=guarded)

@@ -103,6 +103,9 @@ class Runtime:
     def ready(self) -> bool:
         return self.backend is not None
 
+    def storage_problem(self) -> str | None:
+        return None if self.backend is None else self.backend.library.storage_problem()
+
     # -- lifecycle -------------------------------------------------------------------------
     def start_loading(self, encoder: Encoder | None = None) -> None:
         self._loader = asyncio.get_running_loop().create_task(self._load(encoder))

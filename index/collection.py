@@ -92,6 +92,13 @@ class IndexedCollection:
             )
             self.loaded_from = "file"
             self._saved_seq = self._index.applied_seq
+            if self._index.applied_seq > self.store.last_seq():
+                # SQLite lost writes the index had seen (a torn WAL tail, a restored backup):
+                # the index may hold ids SQLite will hand out again. SQLite is the truth.
+                raise IndexFileError(
+                    f"{self.index_path} is ahead of SQLite (seq {self._index.applied_seq} > "
+                    f"{self.store.last_seq()})"
+                )
         except IndexFileError as exc:
             if self.index_path.exists():
                 log.warning("%s; rebuilding the %s index from SQLite", exc, self.item_kind)

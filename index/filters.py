@@ -11,11 +11,12 @@ of them joined by one dot to reach a field of an object; each part is quoted in 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 FilterValue = str | int | float | bool
-_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_\-]{1,64})?$")
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})?$")
 # How `item_meta` names a field one level down: parent, unit separator, child. No filter key
 # can contain the separator, and top-level keys that do are not indexed, so names never clash.
 NESTED_SEPARATOR = "\x1f"
@@ -28,11 +29,27 @@ class FilterError(ValueError):
     """A filter that is not well formed; the message says which part."""
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
+
+
 def _check_scalar(key: str, value: Any) -> FilterValue:
     # bool is an int in Python; accept it explicitly, reject containers and null.
-    if isinstance(value, bool | int | float | str) and not (
-        isinstance(value, float) and value != value
-    ):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FilterError(f"filter value for {key!r} is not valid Unicode") from None
+        return value
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FilterError(f"filter value for {key!r} must be a finite number")
+        if not INT_MIN <= value <= INT_MAX:
+            # an int would not bind (OverflowError); one rule for ints and floats alike
+            raise FilterError(
+                f"filter value for {key!r} is outside [-2^63, 2^63-1], SQLite's integer range"
+            )
         return value
     raise FilterError(
         f"filter value for {key!r} must be a string, number or boolean, got {type(value).__name__}"
@@ -60,7 +77,7 @@ def parse_filter(filter_: dict[str, Any] | None) -> list[Condition]:
         raise FilterError(f"filter has more than {MAX_CONDITIONS} keys")
     conditions: list[Condition] = []
     for key, cond in filter_.items():
-        if not isinstance(key, str) or not _KEY.match(key):
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise FilterError(f"filter key {key!r} must match {_KEY.pattern}")
         if not isinstance(cond, dict):
             conditions.append((key, "$eq", _sql_value(_check_scalar(key, cond))))
@@ -154,3 +171,31 @@ def compile_indexed_filter(
             parts.append(keyed)
         params += values
     return " INTERSECT ".join(parts), params
+
+
+def filter_json_schema() -> dict[str, Any]:
+    """The JSON Schema of exactly what `compile_filter` accepts, for the OpenAPI document."""
+    number = {"type": "number", "minimum": INT_MIN, "maximum": INT_MAX}
+    scalar = {"anyOf": [{"type": "string"}, {"type": "boolean"}, number]}
+    values = {"type": "array", "items": scalar, "minItems": 1, "maxItems": MAX_IN_VALUES}
+    operators: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            **{op: scalar for op in _OPS},
+            "$in": values,
+            "$nin": values,
+            "$exists": {"type": "boolean"},
+        },
+        "additionalProperties": False,
+        "minProperties": 1,
+    }
+    return {
+        "type": "object",
+        "description": 'metadata conditions that must all hold, e.g. {"album": "paris", '
+        '"year": {"$gte": 2020}}; operators $eq $ne $gt $gte $lt $lte $in $nin $exists',
+        "maxProperties": MAX_CONDITIONS,
+        # `$(?!\n)`: Python's `$` also matches before a final newline, ECMA's does not; with
+        # the lookahead both dialects mean what `_KEY.fullmatch` means
+        "propertyNames": {"pattern": _KEY.pattern + r"(?!\n)"},
+        "additionalProperties": {"anyOf": [scalar, operators]},
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -86,6 +87,10 @@ WHERE items.id BETWEEN ?1 AND ?2 AND json_type(items.metadata) = 'object'
 
 class StoreVersionError(RuntimeError):
     """The data dir was written by a format this version cannot read."""
+
+
+class StoreCorrupt(RuntimeError):
+    """The SQLite file cannot be read as a database (header overwritten, not SQLite at all)."""
 
 
 @dataclass
@@ -175,23 +180,39 @@ class MetadataStore:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        # A row holds a ~2 KiB (512-d) embedding: a 4 KiB page fits one, leaving ~40% of the
-        # file empty; 8 KiB pages fit three. Only takes effect when the file is created.
-        self._db.execute("PRAGMA page_size=8192")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before we acknowledge it, power loss included.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        # Bulk imports insert into three indexes; a bigger cache keeps their pages hot.
-        self._db.execute("PRAGMA cache_size=-65536")
+        opened = os.stat(path)
+        # the file this connection writes: if the path later names another one (or none), the
+        # data dir was removed or replaced under us
+        self.identity = (opened.st_dev, opened.st_ino)
         # Reads that must not wait for the writer (filters, result rows, vectors for re-scoring)
         # use one read-only connection per thread: WAL lets them read during a write.
         self._readers = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        try:
+            # A row holds a ~2 KiB (512-d) embedding: a 4 KiB page fits one, leaving ~40% of
+            # the file empty; 8 KiB pages fit three. Only takes effect when the file is created.
+            self._db.execute("PRAGMA page_size=8192")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before we acknowledge it, power loss included.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            # Bulk imports insert into three indexes; a bigger cache keeps their pages hot.
+            self._db.execute("PRAGMA cache_size=-65536")
+            with self._lock:
+                version = self.get_meta_if_table("format_version")
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise StoreCorrupt(
+                f"{path} is not a readable SQLite database ({exc}). It holds every item and "
+                f"embedding, so xmodal will not start on it or overwrite it. Restore "
+                f"{path.name} (with {path.name}-wal, if any) from a backup, or move the data "
+                f"dir aside and start with a new one (then re-index: xmodal index)."
+            ) from None
         with self._lock:
-            version = self.get_meta_if_table("format_version")
             if version is not None and int(version) not in (*_UPGRADABLE, FORMAT_VERSION):
                 raise StoreVersionError(
                     f"{path} was written with storage format {version}; this xmodal reads "
@@ -488,6 +509,12 @@ class MetadataStore:
         return np.fromstring(str(row[0]), dtype=np.int64, sep=",")
 
     # -- change log ------------------------------------------------------------------------
+    def last_seq(self) -> int:
+        """The newest change of any kind (what a collection's applied_seq can be at most)."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(seq), 0) AS s FROM changes").fetchone()
+        return int(row["s"])
+
     def snapshot_seq(self, kind: Kind) -> int:
         with self._lock:
             row = self._db.execute(

@@ -6,17 +6,42 @@ import json
 from typing import Any
 
 from anyio import to_thread
-from fastapi import UploadFile
+from fastapi import File, Form, UploadFile
 
-from app.errors import InvalidField, TooLarge
+from app.errors import InvalidField
 from app.runtime import Backend
-from app.schemas import ErrorBody
+from app.schemas import ErrorBody, limit
 from app.services.items import UploadSource
 from app.uploads import spool_upload
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 413, 415, 422, 503)
-}
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _errors(*codes: int) -> Responses:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+# Every /v1 operation: 401 (API key), 404, 413 (request size), 415, 422, 503 (not ready, overloaded)
+ERROR_RESPONSES = _errors(401, 404, 413, 415, 422, 503)
+# Operations with a request body: 400 when it cannot be parsed (malformed JSON or multipart)
+BODY_ERRORS = _errors(400)
+# Operations that write: 507 `storage_unavailable` (disk full, data dir read-only or gone)
+WRITE_ERRORS = _errors(507)
+# Operations that can re-rank: 409 `rerank_unavailable` when the loaded model has no re-ranker
+RERANK_ERRORS = _errors(409)
+
+# Upload fields, as the OpenAPI document states them (app/openapi.py completes the multipart
+# schema: JSON parts, configured limits).
+FilesField = File(
+    description="one or more image files",
+    min_length=1,
+    json_schema_extra=limit(maxItems="max_files_per_request"),
+)
+
+
+def json_form(what: str, description: str) -> Any:
+    """A form field carrying a JSON object; the document shows it as one (`x-xmodal-json`)."""
+    return Form(description=description, json_schema_extra={"x-xmodal-json": what})
 
 
 def parse_filter(raw: str | None) -> dict[str, Any] | None:
@@ -37,7 +62,8 @@ async def spool_all(backend: Backend, files: list[UploadFile]) -> list[UploadSou
     library = backend.library
     limits = library.settings.limits
     if len(files) > limits.max_files_per_request:
-        raise TooLarge(f"at most {limits.max_files_per_request} files per request")
+        # a bound the schema states (maxItems): a field error like any other
+        raise InvalidField(f"at most {limits.max_files_per_request} files per request")
     sources: list[UploadSource] = []
     try:
         for upload in files:

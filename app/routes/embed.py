@@ -7,11 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from app.deps import BackendDep
-from app.routes.common import ERROR_RESPONSES, spool_all
-from app.schemas import Classification, Embeddings, EmbedTextsIn, LabelScore
+from app.routes.common import BODY_ERRORS, ERROR_RESPONSES, FilesField, spool_all
+from app.schemas import (
+    Classification,
+    Embeddings,
+    EmbedTextsIn,
+    LabelScore,
+    QueryText,
+)
 from app.services import search as search_service
 
-router = APIRouter(tags=["embed"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["embed"], responses={**ERROR_RESPONSES, **BODY_ERRORS})
 
 
 @router.post("/embed/text", response_model=Embeddings)
@@ -23,7 +29,7 @@ async def embed_text(backend: BackendDep, body: EmbedTextsIn) -> Embeddings:
 
 @router.post("/embed/image", response_model=Embeddings)
 async def embed_image(
-    backend: BackendDep, files: Annotated[list[UploadFile], File()]
+    backend: BackendDep, files: Annotated[list[UploadFile], FilesField]
 ) -> Embeddings:
     sources = await spool_all(backend, files)
     vectors = await search_service.embed_images(backend, sources)
@@ -35,8 +41,19 @@ async def embed_image(
 async def classify(
     backend: BackendDep,
     file: Annotated[UploadFile, File()],
-    labels: Annotated[list[str], Form(description="candidate labels (repeat the field)")],
-    template: Annotated[str, Form(max_length=200)] = "a photo of {}",
+    labels: Annotated[
+        list[QueryText],
+        Form(description="candidate labels (repeat the field)", min_length=2, max_length=256),
+    ],
+    template: Annotated[
+        str,
+        Form(
+            description="the prompt; {} is replaced by each label",
+            min_length=2,
+            max_length=200,
+            json_schema_extra={"pattern": r"\{\}"},
+        ),
+    ] = "a photo of {}",
 ) -> Classification:
     source = (await spool_all(backend, [file]))[0]
     ranked = await search_service.classify(backend, source, labels, template)

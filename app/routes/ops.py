@@ -5,16 +5,18 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
+from anyio import to_thread
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import BackendDep, RuntimeDep
-from app.schemas import Health, IndexInfo, Info, ModelInfo
+from app.schemas import ErrorBody, Health, IndexInfo, Info, ModelInfo
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
-info_router = APIRouter(tags=["ops"])
+# /v1/info: the API key (401) and readiness (503) apply to it as to every /v1 route
+info_router = APIRouter(tags=["ops"], responses={code: {"model": ErrorBody} for code in (401, 503)})
 ops_router = APIRouter(tags=["ops"])
 
 
@@ -66,7 +68,13 @@ async def healthz() -> Health:
 @ops_router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(runtime: RuntimeDep) -> Response:
     if runtime.ready:
-        return JSONResponse(Health(status="ready").model_dump())
+        problem = await to_thread.run_sync(runtime.storage_problem)
+        if problem is None:
+            return JSONResponse(Health(status="ready").model_dump())
+        # Reads may still work, writes answer 507: take this instance out of rotation.
+        detail = f"{problem}; writes fail (507) until it is fixed and the server restarted"
+        body = Health(status="degraded", detail=detail)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "30"})
     detail = runtime.startup_error or "loading the model and indexes"
     body = Health(status="failed" if runtime.startup_error else "starting", detail=detail)
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "2"})

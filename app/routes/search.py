@@ -8,24 +8,39 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from app.deps import BackendDep
 from app.routes.bodies import image_hit, text_hit
-from app.routes.common import ERROR_RESPONSES, parse_filter, spool_all
+from app.routes.common import (
+    BODY_ERRORS,
+    ERROR_RESPONSES,
+    RERANK_ERRORS,
+    json_form,
+    parse_filter,
+    spool_all,
+)
 from app.schemas import (
     HARD_MAX_K,
+    HARD_MAX_RERANK_K,
     MIN_SCORE_HELP,
     ImageResults,
+    ItemId,
     TextResults,
     TextSearch,
     VectorSearch,
+    limit,
 )
 from app.services import search as search_service
 from app.services.items import UploadSource
 
 router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 
-KForm = Annotated[int, Form(ge=1, le=HARD_MAX_K)]
-FilterForm = Annotated[str | None, Form(description="JSON object of metadata conditions")]
+KForm = Annotated[int, Form(ge=1, le=HARD_MAX_K, json_schema_extra=limit(maximum="max_k"))]
+FilterForm = Annotated[str | None, json_form("filter", "JSON object of metadata conditions")]
+# exactly one of the two (the document says so with `oneOf`)
 FileForm = Annotated[UploadFile | None, File(description="the query image")]
-ImageIdForm = Annotated[int | None, Form(ge=1, description="a stored image as the query")]
+ImageIdForm = Annotated[ItemId | None, Form(description="a stored image as the query")]
+RerankKForm = Annotated[
+    int | None,
+    Form(ge=1, le=HARD_MAX_RERANK_K, json_schema_extra=limit(maximum="max_rerank_k")),
+]
 MinScoreForm = Annotated[float | None, Form(ge=-1.0, le=1.0, description=MIN_SCORE_HELP)]
 
 
@@ -35,7 +50,7 @@ async def _source(backend: BackendDep, file: UploadFile | None) -> UploadSource 
     return (await spool_all(backend, [file]))[0]
 
 
-@router.post("/text", response_model=ImageResults)
+@router.post("/text", response_model=ImageResults, responses={**BODY_ERRORS, **RERANK_ERRORS})
 async def search_text(backend: BackendDep, body: TextSearch) -> ImageResults:
     outcome = await search_service.search_by_text(
         backend,
@@ -49,7 +64,7 @@ async def search_text(backend: BackendDep, body: TextSearch) -> ImageResults:
     return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
 
 
-@router.post("/vector", response_model=ImageResults)
+@router.post("/vector", response_model=ImageResults, responses=BODY_ERRORS)
 async def search_vector(backend: BackendDep, body: VectorSearch) -> ImageResults:
     """Images nearest to an embedding the caller computed (the model's dimension)."""
     outcome = await search_service.search_by_vector(
@@ -58,7 +73,7 @@ async def search_vector(backend: BackendDep, body: VectorSearch) -> ImageResults
     return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
 
 
-@router.post("/image", response_model=ImageResults)
+@router.post("/image", response_model=ImageResults, responses=BODY_ERRORS)
 async def search_image(
     backend: BackendDep,
     file: FileForm = None,
@@ -79,7 +94,9 @@ async def search_image(
     return ImageResults(results=[image_hit(h) for h in outcome.hits], took_ms=outcome.took_ms)
 
 
-@router.post("/image-to-text", response_model=TextResults)
+@router.post(
+    "/image-to-text", response_model=TextResults, responses={**BODY_ERRORS, **RERANK_ERRORS}
+)
 async def search_image_to_text(
     backend: BackendDep,
     file: FileForm = None,
@@ -87,7 +104,7 @@ async def search_image_to_text(
     k: KForm = 10,
     filter: FilterForm = None,
     rerank: Annotated[bool, Form()] = False,
-    rerank_k: Annotated[int | None, Form(ge=1, le=1024)] = None,
+    rerank_k: RerankKForm = None,
     min_score: MinScoreForm = None,
 ) -> TextResults:
     filter_ = parse_filter(filter)

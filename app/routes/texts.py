@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from app.deps import BackendDep
 from app.routes.bodies import text_item
-from app.routes.common import ERROR_RESPONSES
-from app.schemas import TextAdded, TextItem, TextList, TextsIn
+from app.routes.common import BODY_ERRORS, ERROR_RESPONSES, WRITE_ERRORS
+from app.schemas import Cursor, ItemId, TextAdded, TextItem, TextList, TextsIn
 from app.services import items
 
 router = APIRouter(prefix="/texts", tags=["texts"], responses=ERROR_RESPONSES)
 
+TextId = Annotated[ItemId, Path(description="the text's id")]
 
-@router.post("", status_code=201, response_model=TextAdded)
+
+@router.post(
+    "", status_code=201, response_model=TextAdded, responses={**BODY_ERRORS, **WRITE_ERRORS}
+)
 async def add_texts(backend: BackendDep, body: TextsIn) -> TextAdded:
     added = await items.add_texts(backend, [(t.text, t.metadata) for t in body.items])
     return TextAdded(items=[text_item(a.item, a.duplicate) for a in added])
@@ -25,7 +29,7 @@ async def add_texts(backend: BackendDep, body: TextsIn) -> TextAdded:
 async def list_texts(
     backend: BackendDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[Cursor, Query(description="id to start after")] = 0,
 ) -> TextList:
     page = await items.list_items(backend, "text", after=after, limit=limit)
     return TextList(
@@ -34,11 +38,11 @@ async def list_texts(
 
 
 @router.get("/{text_id}", response_model=TextItem)
-async def get_text(backend: BackendDep, text_id: int) -> TextItem:
+async def get_text(backend: BackendDep, text_id: TextId) -> TextItem:
     return text_item(await items.get_item(backend, "text", text_id))
 
 
-@router.delete("/{text_id}", status_code=204, response_class=Response)
-async def delete_text(backend: BackendDep, text_id: int) -> Response:
+@router.delete("/{text_id}", status_code=204, response_class=Response, responses=WRITE_ERRORS)
+async def delete_text(backend: BackendDep, text_id: TextId) -> Response:
     await items.delete_item(backend, "text", text_id)
     return Response(status_code=204)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,8 @@ class IndexReport:
     # The JPEG device path (gpu_decode): images decoded there, and batches that fell back to PIL.
     decoded_on_device: int = 0
     device_decode_fallbacks: int = 0
+    # `stop` was set: the run ended after committing the batch in hand; a rerun finishes it.
+    interrupted: bool = False
 
     @property
     def images_per_s(self) -> float:
@@ -263,6 +266,7 @@ def index_paths(
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
     gpu_decode: bool | None = None,
+    stop: threading.Event | None = None,
 ) -> IndexReport:
     """Index image files and dataset CSVs.
 
@@ -270,6 +274,10 @@ def index_paths(
     torchvision (nvJPEG on CUDA) instead of with PIL in the workers. None (auto) = on for a
     CUDA encoder; True also works on a CPU encoder (torchvision's CPU decoder: the same code
     path, which is how it is tested without a GPU).
+
+    `stop` (set by a signal handler): finish and commit the batch in hand, then return with
+    `interrupted`. Every committed batch is whole (one SQLite transaction), and a rerun skips
+    the files already stored by their SHA-256, so each file is indexed exactly once.
     """
     from tqdm import tqdm
 
@@ -355,10 +363,13 @@ def index_paths(
                 report.added += len(good)
             bar.update(len(batch))
             bar.set_postfix(img_s=f"{report.added / max(time.perf_counter() - started, 1e-9):.1f}")
+            if stop is not None and stop.is_set():
+                report.interrupted = True
+                break
         if pending is not None:
             pending.result()
     bar.close()
-    if captions:
+    if captions and not report.interrupted:
         report.texts_added = _index_captions(library, captions, batch_size)
     report.seconds = time.perf_counter() - started
     return report

@@ -27,6 +27,7 @@ from app.errors import (
     InvalidField,
     InvalidImage,
     NotFound,
+    StorageError,
     TooLarge,
     UnsupportedMedia,
     storage_error,
@@ -179,6 +180,14 @@ class ImageToStore:
     pixels: torch.Tensor | None = None
 
 
+def _check_writable(library: Library) -> None:
+    """Refuse a write the data dir cannot keep. SQLite goes on writing to a file that was
+    removed (its descriptor is still open): that write would be acknowledged and then lost."""
+    problem = library.storage_problem()
+    if problem is not None:
+        raise StorageError(f"{problem}; nothing was changed", retry_after_s=30)
+
+
 def commit_images(
     library: Library, images: list[ImageToStore], *, move: bool, catch_up: bool = True
 ) -> list[tuple[StoredItem, bool]]:
@@ -187,6 +196,7 @@ def commit_images(
     `move`: the sources are temp files of ours (uploads) rather than the user's files.
     `catch_up=False` (bulk import): leave the index to catch up, or rebuild, once at the end."""
     with library.write_lock:
+        _check_writable(library)
         unembedded = [i for i in images if i.vector is None]
         if unembedded:
             # A duplicate whose original was deleted since the caller looked needs a vector
@@ -239,6 +249,7 @@ def commit_texts(
 ) -> list[tuple[StoredItem, bool]]:
     """Texts' rows in one transaction, then the FAISS index caught up."""
     with library.write_lock:
+        _check_writable(library)
         try:
             results = library.store.add_items(items)
         except (OSError, sqlite3.Error) as exc:
@@ -299,18 +310,20 @@ def checked_text(text: str, max_chars: int, what: str = "text") -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidField(f"{what} is not valid Unicode (lone surrogate)") from None
+    # the length as sent (what the schema's maxLength states), then the content
+    if len(text) > max_chars:
+        raise InvalidField(f"{what} is longer than {max_chars} characters")
     cleaned = text.strip()
     if not cleaned:
         raise InvalidField(f"{what} is empty")
-    if len(cleaned) > max_chars:
-        raise InvalidField(f"{what} is longer than {max_chars} characters")
     return cleaned
 
 
 async def add_texts(backend: Backend, entries: list[tuple[str, dict[str, Any]]]) -> list[AddedItem]:
     limits = backend.settings.limits
     if len(entries) > limits.max_texts_per_request:
-        raise TooLarge(f"at most {limits.max_texts_per_request} texts per request")
+        # a bound the schema states (maxItems): a field error like any other
+        raise InvalidField(f"items: at most {limits.max_texts_per_request} texts per request")
     cleaned = [
         (
             checked_text(text, limits.max_query_chars),
@@ -331,6 +344,7 @@ async def add_texts(backend: Backend, entries: list[tuple[str, dict[str, Any]]])
 
 def _delete(library: Library, kind: Kind, item_id: int) -> StoredItem:
     with library.write_lock:
+        _check_writable(library)
         try:
             item = library.store.delete(kind, item_id)
         except sqlite3.Error as exc:

@@ -17,7 +17,7 @@ from app.runtime import Backend
 from app.services.forward_passes import RerankJob
 from app.services.items import NO_FILE, UploadSource, checked_text, prepare_image
 from index.collection import IndexedCollection, SearchHit
-from index.filters import FilterError
+from index.filters import FilterError, compile_filter
 from index.store import Kind, StoredItem
 from models.inputs.decode import decode_image
 
@@ -39,8 +39,17 @@ def _check_k(library: Library, k: int, rerank: bool, rerank_k: int | None) -> No
     limits = library.settings.limits
     if not 1 <= k <= limits.max_k:
         raise InvalidField(f"k must be between 1 and {limits.max_k}")
-    if rerank and rerank_k is not None and not 1 <= rerank_k <= limits.max_rerank_k:
+    # checked with or without `rerank`, as the schema states it
+    if rerank_k is not None and not 1 <= rerank_k <= limits.max_rerank_k:
         raise InvalidField(f"rerank_k must be between 1 and {limits.max_rerank_k}")
+
+
+def _check_filter(filter_: dict[str, Any] | None) -> None:
+    """Refuse a malformed filter before any work is spent on the query (message names the key)."""
+    try:
+        compile_filter(filter_)
+    except FilterError as exc:
+        raise InvalidField(f"filter: {exc}") from None
 
 
 def _search(
@@ -140,6 +149,7 @@ async def search_by_text(
     library = backend.library
     query = checked_text(query, library.settings.limits.max_query_chars, "query")
     _check_k(library, k, rerank, rerank_k)
+    _check_filter(filter_)
     reranker = _reranker(backend) if rerank else None
     vector = await backend.text_encoder.submit(query)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
@@ -194,6 +204,7 @@ async def search_by_image(
     started = time.perf_counter()
     library = backend.library
     _check_k(library, k, False, None)
+    _check_filter(filter_)
     vector, _, _ = await _query_image_vector(backend, source, image_id)
     found = await to_thread.run_sync(_search, library, library.images, vector, k, filter_)
     hits = [Hit(item, score) for item, score in found]
@@ -214,6 +225,7 @@ async def search_texts_by_image(
     started = time.perf_counter()
     library = backend.library
     _check_k(library, k, rerank, rerank_k)
+    _check_filter(filter_)
     reranker = _reranker(backend) if rerank else None
     vector, pixels, item = await _query_image_vector(backend, source, image_id)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
@@ -229,6 +241,8 @@ async def search_texts_by_image(
 
 async def embed_texts(backend: Backend, texts: list[str]) -> list[np.ndarray]:
     limits = backend.settings.limits
+    if len(texts) > limits.max_texts_per_request:
+        raise InvalidField(f"texts: at most {limits.max_texts_per_request} texts per request")
     cleaned = [checked_text(t, limits.max_query_chars, f"texts[{i}]") for i, t in enumerate(texts)]
     return await backend.text_encoder.submit_many(cleaned)
 
@@ -253,7 +267,9 @@ async def classify(
     if "{}" not in template:
         raise InvalidField("template must contain {} where the label goes")
     vectors = await embed_images(backend, [source])
-    label_vectors = await backend.text_encoder.submit_many([template.format(x) for x in labels])
+    # replace, not str.format: any other braces in the template are text, not a format error
+    prompts = [template.replace("{}", label) for label in labels]
+    label_vectors = await backend.text_encoder.submit_many(prompts)
     logits = np.stack(label_vectors) @ vectors[0]
     model: Any = backend.encoder.model
     scale = float(model.logit_scale.exp().item())

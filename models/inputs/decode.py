@@ -31,6 +31,8 @@ except ImportError:  # pragma: no cover - a declared dependency; HEIF is then re
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO", "AVIF", "HEIF"}
 FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP, TIFF, AVIF, HEIC/HEIF"
+# The parsers Image.open may try; the JPEG one also answers MPO (multi-picture JPEG) files.
+_OPENERS = sorted(ALLOWED_FORMATS - {"MPO"} - (set() if HEIF_SUPPORTED else {"HEIF"}))
 MIME_BY_FORMAT = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
@@ -145,7 +147,9 @@ def _open_checked(fp: BinaryIO | Path, max_pixels: int) -> tuple[Image.Image, Im
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; PIL's own bomb check must not fire first.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            # Only the allowed formats' parsers run: bytes that look like another format (IPTC,
+            # EPS, ...) are no supported image (415), and exotic decoders never see client data.
+            img = Image.open(fp, formats=_OPENERS)
     except UnidentifiedImageError:
         if _looks_like_image(_head(fp)):
             raise CorruptImage("image header could not be read (truncated or damaged)") from None
