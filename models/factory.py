@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import Checkpoint, load_checkpoint
+from models.checkpoint import Checkpoint, RerankConfig, load_checkpoint
+from models.decoder import adopt_decoder, init_text_projection
 from models.encoder import Encoder
-from models.fusion import FusionConfig, FusionReranker
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def _seeded_random_model(name: str, device: torch.device) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_INIT_SEED)
         model = open_clip.create_model(name, pretrained=None, device="cpu")
+        init_text_projection(model)  # a CoCa's is left uninitialised by open_clip 3.3
     return model.to(device)
 
 
@@ -224,9 +225,7 @@ def _model_cfg(name: str) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
-def build_model_from_checkpoint(
-    ckpt: Checkpoint, device: torch.device
-) -> tuple[nn.Module, FusionReranker | None]:
+def build_model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> nn.Module:
     import open_clip
 
     register_builtin_configs()
@@ -237,12 +236,7 @@ def build_model_from_checkpoint(
         from open_clip.model import set_model_preprocess_cfg
 
         set_model_preprocess_cfg(model, ckpt.preprocess_cfg)
-    fusion = None
-    if ckpt.fusion_cfg is not None and ckpt.fusion_state_dict is not None:
-        fusion = FusionReranker(FusionConfig.from_dict(ckpt.fusion_cfg))
-        fusion.load_compatible(ckpt.fusion_state_dict)
-        fusion = fusion.to(device)
-    return model.to(device), fusion
+    return model.to(device)
 
 
 def _text_tower_copy(model: nn.Module) -> nn.Module:
@@ -262,14 +256,17 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
 
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
-    fusion: FusionReranker | None = None
+    rerank_cfg = RerankConfig()
     if spec.checkpoint is not None:
         ckpt = load_checkpoint(Path(spec.checkpoint))
-        model, fusion = build_model_from_checkpoint(ckpt, device)
+        model = build_model_from_checkpoint(ckpt, device)
         name, weights, model_cfg = ckpt.model_name, str(spec.checkpoint), ckpt.model_cfg
+        rerank_cfg = RerankConfig.from_dict(ckpt.rerank_cfg)
     else:
         model, name, weights = _build_tower_model(spec, device)
         model_cfg = _model_cfg(name)
+    # A CoCa's decoder runs through the project's CocaDecoder (same weights, attention maps).
+    model = adopt_decoder(model)
     fingerprint = state_fingerprint(name, model.state_dict())
     preprocess_cfg = dict(get_model_preprocess_cfg(model))
     size = preprocess_cfg.get("size", model_cfg["vision_cfg"]["image_size"])
@@ -284,14 +281,12 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     text_model: nn.Module | None = None
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-        if fusion is not None:
-            fusion = fusion.to(torch.bfloat16)
     elif precision == "bf16-text":
         text_model = _text_tower_copy(model).to(torch.bfloat16)
     tokenizer = open_clip.get_tokenizer(name)
     log.info(
         "loaded %s (weights: %s) on %s, precision %s, fingerprint %s, re-ranker: %s",
-        name, weights, device, precision, fingerprint, "yes" if fusion is not None else "no",
+        name, weights, device, precision, fingerprint, "yes" if hasattr(model, "text_decoder") else "no",
     )  # fmt: skip
     return Encoder(
         model,
@@ -304,6 +299,6 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         fingerprint=fingerprint,
         model_cfg=model_cfg,
         preprocess_cfg=preprocess_cfg,
-        fusion=fusion,
+        rerank_cfg=rerank_cfg,
         text_model=text_model,
     )
