@@ -1,4 +1,4 @@
-"""Search in every direction, with optional re-ranking by the fusion head. Knows nothing of HTTP."""
+"""Search in every direction, with optional re-ranking by CoCa's decoder. Knows nothing of HTTP."""
 
 from __future__ import annotations
 
@@ -98,13 +98,14 @@ async def _query_image_vector(
 def _require_reranker(runtime: Runtime) -> None:
     if runtime.rerank_batcher is None:
         raise RerankUnavailable(
-            "the loaded model has no fusion re-ranker; load a checkpoint trained with "
-            "`xmodal train` (--checkpoint) or search without rerank"
+            "the loaded model has no caption decoder to re-rank with (re-ranking needs a CoCa: "
+            "--model coca_ViT-B-32 --pretrained laion2b_s13b_b90k, or a checkpoint from "
+            "`xmodal train`); or search without rerank"
         )
 
 
 async def _rerank(runtime: Runtime, hits: list[Hit], job: RerankJob) -> None:
-    """Score each hit's pair with the fusion head (through its batcher) and sort by it."""
+    """Score each hit's pair with the decoder (through its batcher) and sort by it."""
     assert runtime.rerank_batcher is not None
     probs = await runtime.rerank_batcher.submit(job)
     for hit, prob in zip(hits, probs, strict=True):
@@ -133,8 +134,13 @@ async def search_by_text(
     found = await to_thread.run_sync(_search, library, library.images, vector, depth, filter_)
     hits = [Hit(item, score) for item, score in found]
     if rerank and hits:
-        pixels = await to_thread.run_sync(_load_pixels, library, [h.item for h in hits])
-        await _rerank(runtime, hits, RerankJob([query], pixels))
+        cache = library.encoder.token_cache
+        keys: list[Any] = [("image", library.encoder.fingerprint, h.item.id) for h in hits]
+        cached = [cache.get(key) for key in keys]
+        missing = [h.item for h, c in zip(hits, cached, strict=True) if c is None]
+        loaded = iter(await to_thread.run_sync(_load_pixels, library, missing))
+        pixels = [next(loaded) if c is None else None for c in cached]
+        await _rerank(runtime, hits, RerankJob([query], pixels, keys, cached))
     return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
 
 
@@ -178,7 +184,8 @@ async def search_texts_by_image(
         if pixels is None:
             assert item is not None
             pixels = (await to_thread.run_sync(_load_pixels, library, [item]))[0]
-        await _rerank(runtime, hits, RerankJob([h.item.text or "" for h in hits], [pixels]))
+        job = RerankJob([h.item.text or "" for h in hits], [pixels])
+        await _rerank(runtime, hits, job)
     return SearchOutcome(hits[:k], (time.perf_counter() - started) * 1000)
 
 

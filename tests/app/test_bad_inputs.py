@@ -112,7 +112,7 @@ def test_pixel_limit(make_client: AppFactory) -> None:
         {"query": "ok", "filter": {"n": {"$in": "notalist"}}},
         {"query": "ok", "filter": {"n": None}},
         {"query": "ok", "unknown": 1},
-        {"query": "ok", "rerank": True},
+        {"query": "ok", "rerank": True, "rerank_k": 0},
         {"k": 3},
     ],
 )
