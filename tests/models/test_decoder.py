@@ -128,3 +128,31 @@ def test_token_cache_evicts_least_recently_used() -> None:
     cache.put("c", *entry)
     assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 2
     assert cache.nbytes == 96
+
+
+@pytest.mark.slow
+def test_coca_vit_b_32_with_random_weights_reranks() -> None:
+    """The pretrained architecture (attention-pooled image tokens, legacy CLS mask) through
+    the factory: the decoder matches open_clip's and re-ranking works with no training."""
+    from models.factory import EncoderSpec, load_encoder
+
+    coca = load_encoder(
+        EncoderSpec(name="coca_ViT-B-32", pretrained="none", device="cpu", precision="fp32")
+    )
+    assert coca.has_reranker and coca.rerank_cfg.vocab is None
+    pixels = torch.rand(2, 3, coca.image_size, coca.image_size)
+    ids = coca.tokenize(CAPTIONS[:2])
+    model: torch.nn.Module = coca.model
+    with torch.no_grad():
+        stock = MultimodalTransformer.forward(
+            model.text_decoder,  # type: ignore[arg-type]
+            model._encode_image(pixels)[1],  # type: ignore[operator]
+            model._encode_text(ids)[1][:, :-1],  # type: ignore[operator]
+        )
+        ours = model(pixels, ids)["logits"]  # CoCa.forward through CocaDecoder
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=0)
+    images = coca.image_tokens(pixels)
+    assert images.tokens.shape == (2, 255, 512)  # attention-pooler tokens, 0.52 MB each
+    texts = coca.text_tokens(CAPTIONS[:2])
+    scores = coca.rerank_scores(texts, images, [(0, 0), (0, 1), (1, 0)], text_query=True)
+    assert scores.shape == (3,) and np.isfinite(scores).all()
