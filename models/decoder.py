@@ -45,10 +45,20 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 class CocaDecoder(MultimodalTransformer):
-    """Drop-in for `CoCa.text_decoder`; build with `from_open_clip`."""
+    """Drop-in for `CoCa.text_decoder`; build with `from_open_clip`.
+
+    With `image_positions` (a patch grid's token count), a learned position embedding is
+    added to the image tokens before the cross-attention's keys and values, so what a text
+    position reads from a patch says where the patch is (relations need it). It starts at zero:
+    a pretrained decoder behaves exactly as before. It is a parameter open_clip's decoder does
+    not have (`image_pos_embed`); pretrained CoCa (attention-pooled tokens) goes without."""
+
+    image_pos_embed: nn.Parameter | None
 
     @classmethod
-    def from_open_clip(cls, decoder: MultimodalTransformer) -> CocaDecoder:
+    def from_open_clip(
+        cls, decoder: MultimodalTransformer, image_positions: int | None = None
+    ) -> CocaDecoder:
         if isinstance(decoder, CocaDecoder):
             return decoder
         block: Any = decoder.resblocks[0]
@@ -69,7 +79,12 @@ class CocaDecoder(MultimodalTransformer):
             output_dim=int(projection.shape[1]),
             batch_first=bool(decoder.batch_first),
         )
-        new.load_state_dict(decoder.state_dict())
+        new.image_pos_embed = None
+        if image_positions:
+            new.image_pos_embed = nn.Parameter(torch.zeros(image_positions, width))
+        missing, unexpected = new.load_state_dict(decoder.state_dict(), strict=False)
+        if unexpected or set(missing) - {"image_pos_embed"}:
+            raise RuntimeError(f"decoder weights do not fit: {missing}, {unexpected}")
         return new.to(device=projection.device, dtype=projection.dtype)
 
     def _attend(
@@ -133,7 +148,10 @@ class CocaDecoder(MultimodalTransformer):
             x = x + sb.ls_1(out)
             x = x + sb.ls_2(sb.mlp(sb.ln_2(x)))
             # Cross-attention to the image tokens: keys and values once per image.
-            k, v = self._kv(cb, cb.ln_1_kv(image_embs.to(x.dtype)))
+            memory = image_embs.to(x.dtype)
+            if self.image_pos_embed is not None:
+                memory = memory + self.image_pos_embed.to(x.dtype)
+            k, v = self._kv(cb, cb.ln_1_kv(memory))
             if image_index is not None:
                 k, v = k[image_index], v[image_index]
             out, weights = self._attend(cb, cb.ln_1(x), k, v, None, return_attention)
@@ -151,12 +169,22 @@ class CocaDecoder(MultimodalTransformer):
         return self.decode(image_embs, text_embs).logits
 
 
+def _patch_positions(model: nn.Module) -> int | None:
+    """The number of patch tokens the decoder reads, for a ViT without attentional pooling."""
+    visual: Any = getattr(model, "visual", None)
+    grid = getattr(visual, "grid_size", None)
+    if grid is None or getattr(visual, "attn_pool", None) is not None:
+        return None
+    return int(grid[0]) * int(grid[1])
+
+
 def adopt_decoder(model: nn.Module) -> nn.Module:
-    """Swap a CoCa's open_clip decoder for `CocaDecoder` (same weights); other models pass."""
+    """Swap a CoCa's open_clip decoder for `CocaDecoder` (same weights, plus a zero patch
+    position embedding when it reads a patch grid); other models pass."""
     holder: Any = model
     decoder = getattr(holder, "text_decoder", None)
     if isinstance(decoder, MultimodalTransformer):
-        holder.text_decoder = CocaDecoder.from_open_clip(decoder)
+        holder.text_decoder = CocaDecoder.from_open_clip(decoder, _patch_positions(model))
     return model
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import Checkpoint, RerankConfig, load_checkpoint
+from models.checkpoint import Checkpoint, CheckpointError, RerankConfig, load_checkpoint
 from models.decoder import adopt_decoder, init_text_projection
 from models.encoder import Encoder
 
@@ -197,8 +197,17 @@ def _build_tower_model(spec: EncoderSpec, device: torch.device) -> tuple[nn.Modu
         return _seeded_random_model(name, device), name, "none"
     path = Path(source).expanduser()
     if path.is_file():
-        model = open_clip.create_model(name, pretrained=str(path), device=device)
-        return model, name, str(path)
+        model = adopt_decoder(open_clip.create_model(name, pretrained=None, device="cpu"))
+        # strict=False only for the decoder's patch position embedding, which open_clip's
+        # CoCa weights do not have (it stays zero: the pretrained behaviour).
+        result = open_clip.load_checkpoint(model, str(path), strict=False)
+        missing = set(getattr(result, "missing_keys", []))
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected or missing - {"text_decoder.image_pos_embed"}:
+            raise WeightsUnavailable(
+                f"{path} does not fit {name}: missing {sorted(missing)}, extra {unexpected}"
+            )
+        return model.to(device), name, str(path)
     if os.sep in source or source.endswith((".pt", ".bin", ".safetensors", ".pth")):
         raise WeightsUnavailable(f"weights file {source} does not exist")
     cached = _cached_weights(name, source, spec.cache_dir)
@@ -230,8 +239,11 @@ def build_model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> nn.Mo
 
     register_builtin_configs()
     register_config(ckpt.model_name, ckpt.model_cfg)
-    model = open_clip.create_model(ckpt.model_name, pretrained=None, device="cpu")
-    model.load_state_dict(ckpt.state_dict)
+    model = adopt_decoder(open_clip.create_model(ckpt.model_name, pretrained=None, device="cpu"))
+    # A checkpoint from before the decoder's patch position embedding keeps it at zero.
+    missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
+    if unexpected or set(missing) - {"text_decoder.image_pos_embed"}:
+        raise CheckpointError(f"weights do not fit {ckpt.model_name}: {missing}, {unexpected}")
     if ckpt.preprocess_cfg:
         from open_clip.model import set_model_preprocess_cfg
 

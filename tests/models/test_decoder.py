@@ -156,3 +156,17 @@ def test_coca_vit_b_32_with_random_weights_reranks() -> None:
     texts = coca.text_tokens(CAPTIONS[:2])
     scores = coca.rerank_scores(texts, images, [(0, 0), (0, 1), (1, 0)], text_query=True)
     assert scores.shape == (3,) and np.isfinite(scores).all()
+
+
+def test_patch_position_embedding_starts_at_zero(encoder: Encoder) -> None:
+    decoder = encoder.decoder
+    assert decoder is not None and decoder.image_pos_embed is not None
+    assert decoder.image_pos_embed.shape == (64, 128) and not decoder.image_pos_embed.any()
+    images = torch.randn(1, 64, 128, generator=torch.Generator().manual_seed(2))
+    text = torch.randn(1, 5, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = decoder.decode(images, text).logits
+        decoder.image_pos_embed.add_(0.5)
+        after = decoder.decode(images, text).logits
+        decoder.image_pos_embed.zero_()
+    assert not torch.allclose(before, after)  # it reaches the keys and values

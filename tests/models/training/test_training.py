@@ -128,7 +128,7 @@ def test_fine_tune_from_a_local_weights_file(data: Path, tmp_path: Path) -> None
     ckpt = load_checkpoint(out)
     assert ckpt.info["base"]["pretrained"] == str(weights)
     # Started from those weights (the token embedding moves little in 2 steps) and trained.
-    emb = "token_embedding.weight"
+    emb = "text.token_embedding.weight"
     assert torch.allclose(ckpt.state_dict[emb], start[emb], atol=0.05)
     assert not torch.equal(ckpt.state_dict["visual.conv1.weight"], start["visual.conv1.weight"])
 
