@@ -261,7 +261,8 @@ _TRAIN_OPTIONS: dict[str, str] = {
     "batch_size": "pairs per step",
     "lr": "peak learning rate (AdamW)",
     "seed": "same seed, same checkpoint",
-    "fusion_layers": "cross-attention layers",
+    "caption_weight": "weight of the captioning loss",
+    "grounding_weight": "weight of the phrase-grounding loss (CSV with boxes)",
     "workers": "image-loading threads",
     "max_minutes": "stop (and save) after this long; none: no limit",
 }
@@ -291,7 +292,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint is None and args.model is None:
         print("xmodal eval: give --checkpoint CKPT or --model M --pretrained P", file=sys.stderr)
         return 2
-    result = eval_main(args.data, _encoder_spec(args), rerank_k=args.rerank_k)
+    result = eval_main(
+        args.data,
+        _encoder_spec(args),
+        rerank_k=args.rerank_k,
+        calibrate=args.calibrate,
+        save=args.save,
+    )
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -299,7 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from models.training.synthetic import synth_main
 
-    print(synth_main(args.out, args.n, args.seed, args.twins))
+    print(synth_main(args.out, args.n, args.seed, args.hard))
     return 0
 
 
@@ -307,7 +314,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per `_TRAIN_OPTIONS` entry, default None: a flag left out keeps TrainConfig's
     own default, which `_TrainHelp` shows (so the defaults live in one place)."""
     for name, text in _TRAIN_OPTIONS.items():
-        kind = float if name in ("lr", "max_minutes") else int
+        kind = float if name in ("lr", "max_minutes") or name.endswith("_weight") else int
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
 
 
@@ -436,12 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     train = sub.add_parser(
-        "train", help="train the towers and the fusion re-ranker", formatter_class=_TrainHelp
+        "train", help="train a CoCa: towers and caption decoder", formatter_class=_TrainHelp
     )
     train.add_argument("--data", type=Path, required=True, help="CSV with filepath,caption")
     train.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
     train.add_argument(
-        "--freeze-towers", action="store_true", help="train only the fusion re-ranker"
+        "--freeze-towers", action="store_true", help="train only the caption decoder"
     )
     _add_train_options(train)
     _add_model_options(train)
@@ -452,7 +459,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--data", type=Path, required=True, help="CSV with filepath,caption")
     evaluate.add_argument(
-        "--rerank-k", type=int, default=16, help="candidates the fusion head re-ranks"
+        "--rerank-k", type=int, default=16, help="candidates the caption decoder re-ranks"
+    )
+    evaluate.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit the fusion weights on this CSV and store them in the checkpoint",
+    )
+    evaluate.add_argument(
+        "--save", type=Path, help="with --calibrate: checkpoint to write (default: --checkpoint)"
     )
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_model_options(evaluate)
@@ -466,7 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="folder to write")
     synth.add_argument("--n", type=int, default=1000, help="image-caption pairs")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same files")
-    synth.add_argument("--twins", action="store_true", help="near-twin groups (held-out split)")
+    synth.add_argument(
+        "--hard",
+        "--twins",
+        dest="hard",
+        action="store_true",
+        help="near-twin groups: colour swap, shape swap, relation flip (--twins: old name)",
+    )
     synth.set_defaults(func=cmd_synth)
     return parser
 

@@ -162,6 +162,7 @@ def create_app(
     )
     app.state.settings = settings
     install_error_handlers(app)
+
     def loaded_model() -> dict[str, int] | None:
         runtime: Runtime | None = getattr(app.state, "runtime", None)
         backend = runtime.backend if runtime is not None else None

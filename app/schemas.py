@@ -162,8 +162,12 @@ class VectorSearch(BaseModel):
     vector: list[float] = Field(
         min_length=1,
         max_length=HARD_MAX_DIM,
-        description="a query embedding of the model's dimension; normalised like any query",
-        json_schema_extra={"x-xmodal-model": {"minItems": "dim", "maxItems": "dim"}},
+        description="a query embedding of the model's dimension, not all zeros; normalised like "
+        "any query",
+        json_schema_extra={
+            "x-xmodal-model": {"minItems": "dim", "maxItems": "dim"},
+            "contains": {"not": {"const": 0}},
+        },
     )
     k: JsonInt = Field(10, ge=1, le=HARD_MAX_K, json_schema_extra=limit(maximum="max_k"))
     filter: FilterSpec | None = Field(None, description="metadata conditions, as for text search")

@@ -1,4 +1,4 @@
-"""Encoders (open_clip), the attention-fusion re-ranker, training and evaluation.
+"""Encoders (open_clip), the CoCa caption-decoder re-ranker, training and evaluation.
 
 Nothing heavy is imported here: torch and open_clip load when a submodule needs them.
 """

@@ -1,18 +1,47 @@
-"""The project's checkpoint: one file with the architecture, tower and fusion weights,
-preprocessing settings and a format version. Loaded with `weights_only=True` (no pickled code)."""
+"""The project's checkpoint: one file with the architecture, the model's weights (for a CoCa:
+towers and caption decoder), preprocessing settings, the re-ranking fusion weights and a format
+version. Loaded with `weights_only=True` (no pickled code).
+
+Version 2 (CoCa): the re-ranker is CoCa's decoder inside `state_dict`. Version 1 files carried
+a separate cross-attention fusion head on a plain CLIP; they are refused with the fix."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CHECKPOINT_FORMAT = "xmodal-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+
+
+@dataclass
+class RerankConfig:
+    """How a CoCa re-ranker scores a (text, image) pair:
+    cosine_weight x cosine + caption_weight x mean log p(text token | prefix, image), where for
+    image queries (candidates are different texts) the caption term is, when
+    `debias_image_to_text`, minus the text's own prior log p(text | empty image)
+    (VisualGPTScore). `xmodal eval --calibrate` fits these on a labelled CSV."""
+
+    cosine_weight: float = 10.0
+    caption_weight: float = 1.0
+    debias_image_to_text: bool = False
+    # Token ids the decoder's softmax runs over; None: the tokenizer's whole vocabulary.
+    # `xmodal train` from scratch restricts it to the training captions' tokens (a 49,408-way
+    # softmax made a CPU training step about 2x slower, for words the data never uses).
+    vocab: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RerankConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
 
 
 class CheckpointError(ValueError):
@@ -23,10 +52,9 @@ class CheckpointError(ValueError):
 class Checkpoint:
     model_name: str  # open_clip architecture name (or a config name registered from model_cfg)
     model_cfg: dict[str, Any]  # the full open_clip config, so the file stands alone
-    state_dict: dict[str, torch.Tensor]  # towers
+    state_dict: dict[str, torch.Tensor]  # the whole model (a CoCa's decoder included)
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
-    fusion_cfg: dict[str, Any] | None = None
-    fusion_state_dict: dict[str, torch.Tensor] | None = None
+    rerank_cfg: dict[str, Any] | None = None  # RerankConfig.to_dict()
     info: dict[str, Any] = field(default_factory=dict)  # training provenance, free-form
 
 
@@ -39,10 +67,7 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "model_cfg": ckpt.model_cfg,
         "preprocess_cfg": ckpt.preprocess_cfg,
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
-        "fusion_cfg": ckpt.fusion_cfg,
-        "fusion_state_dict": None
-        if ckpt.fusion_state_dict is None
-        else {k: v.detach().cpu() for k, v in ckpt.fusion_state_dict.items()},
+        "rerank_cfg": ckpt.rerank_cfg,
         "info": ckpt.info,
     }
     path = Path(path)
@@ -69,6 +94,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} could not be read as a checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an xmodal checkpoint")
+    if payload.get("version") == 1:
+        raise CheckpointError(
+            f"{path} is a version-1 checkpoint (a CLIP with a separate fusion head), which "
+            f"this xmodal no longer reads: re-ranking is now CoCa's caption decoder. Retrain "
+            f"with `xmodal train --data CSV --out CKPT` (default model xmodal-tiny, a CoCa), or "
+            f"serve a pretrained CoCa with --model coca_ViT-B-32 --pretrained laion2b_s13b_b90k"
+        )
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint version {payload.get('version')}; "
@@ -79,7 +111,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
         model_cfg=payload["model_cfg"],
         state_dict=payload["state_dict"],
         preprocess_cfg=payload.get("preprocess_cfg") or {},
-        fusion_cfg=payload.get("fusion_cfg"),
-        fusion_state_dict=payload.get("fusion_state_dict"),
+        rerank_cfg=payload.get("rerank_cfg"),
         info=payload.get("info") or {},
     )

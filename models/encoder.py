@@ -13,9 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from models.checkpoint import Checkpoint
-from models.fusion import FusionReranker
+from models.checkpoint import Checkpoint, RerankConfig
+from models.decoder import CocaDecoder, caption_logprob
 from models.text_tower import TextOutput, text_forward
+from models.token_cache import TokenCache
+
+# Image tokens kept for re-ranking (models/token_cache.py: about 0.52 MB per coca_ViT-B-32
+# image, 33 KB per xmodal-tiny image).
+TOKEN_CACHE_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Encoder:
         fingerprint: str,
         model_cfg: dict[str, Any],
         preprocess_cfg: dict[str, Any],
-        fusion: FusionReranker | None = None,
+        rerank_cfg: RerankConfig | None = None,
         text_model: nn.Module | None = None,
     ) -> None:
         self.model = model.eval()
@@ -56,7 +61,15 @@ class Encoder:
         self.fingerprint = fingerprint
         self.model_cfg = model_cfg
         self.preprocess_cfg = preprocess_cfg
-        self.fusion = fusion.eval() if fusion is not None else None
+        decoder = getattr(model, "text_decoder", None)
+        # Re-ranking needs a CoCa: its decoder scores log p(text | image).
+        self.decoder: CocaDecoder | None = decoder if isinstance(decoder, CocaDecoder) else None
+        self.rerank_cfg = rerank_cfg or RerankConfig()
+        self.pad_id = int(getattr(model, "pad_id", 0))
+        self._null: torch.Tensor | None = None
+        self.token_cache = TokenCache(TOKEN_CACHE_BYTES if self.decoder is not None else 0)
+        vocab = self.rerank_cfg.vocab
+        self.vocab = torch.tensor(sorted(vocab), device=device) if vocab else None
         self.dim = int(model_cfg["embed_dim"])
         size = preprocess_cfg.get("size", model_cfg["vision_cfg"]["image_size"])
         self.image_size = int(size if isinstance(size, int) else max(size))
@@ -65,21 +78,20 @@ class Encoder:
 
     @property
     def has_reranker(self) -> bool:
-        return self.fusion is not None
+        return self.decoder is not None
 
     def to_checkpoint(
-        self, fusion: FusionReranker | None = None, info: dict[str, Any] | None = None
+        self, rerank_cfg: RerankConfig | None = None, info: dict[str, Any] | None = None
     ) -> Checkpoint:
-        """This encoder's towers and preprocessing, with `fusion` (default: its own head, if
-        any), as one checkpoint for `save_checkpoint`."""
-        fusion = fusion if fusion is not None else self.fusion
+        """This encoder's weights (towers and, for a CoCa, the decoder), preprocessing and
+        re-ranking weights (default: its own) as one checkpoint for `save_checkpoint`."""
+        cfg = rerank_cfg or self.rerank_cfg
         return Checkpoint(
             model_name=self.name,
             model_cfg=self.model_cfg,
             state_dict=self.model.state_dict(),
             preprocess_cfg=self.preprocess_cfg,
-            fusion_cfg=fusion.cfg.to_dict() if fusion is not None else None,
-            fusion_state_dict=fusion.state_dict() if fusion is not None else None,
+            rerank_cfg=cfg.to_dict(),
             info=info or {},
         )
 
@@ -123,8 +135,10 @@ class Encoder:
             features = F.normalize(pooled.float(), dim=-1)
         return features.cpu().numpy()
 
-    # -- token features for the re-ranker --------------------------------------------------
+    # -- re-ranking with CoCa's decoder ----------------------------------------------------
     def image_tokens(self, images: Sequence[torch.Tensor] | torch.Tensor) -> ImageTokens:
+        """Pooled embeddings and the tokens the decoder reads (for a CoCa, the image tower's
+        patch or attention-pooler tokens)."""
         visual: Any = self.model.visual
         previous = visual.output_tokens
         visual.output_tokens = True
@@ -137,25 +151,95 @@ class Encoder:
         return ImageTokens(pooled, tokens)
 
     def text_tokens(self, texts: Sequence[str]) -> TextOutput:
+        """Pooled embeddings and token features (full precision: twins differ by little)."""
         tokens = self.tokenize(texts).to(self.device)
         with self._inference():
-            out = text_forward(self.text_model, tokens)
+            out = text_forward(self.model, tokens)
         return out
 
-    def match_probabilities(
-        self, text: TextOutput, image: ImageTokens, pairs: Sequence[tuple[int, int]]
+    def _null_tokens(self) -> torch.Tensor:
+        """The decoder's input for an empty image (all pixels at the normalisation mean)."""
+        if self._null is None:
+            size = self.image_size
+            self._null = self.image_tokens(torch.zeros(1, 3, size, size)).tokens
+        return self._null
+
+    def caption_logprobs(
+        self,
+        text: TextOutput,
+        image_tokens: torch.Tensor,
+        pairs: Sequence[tuple[int, int]],
+        *,
+        chunk: int = 64,
     ) -> np.ndarray:
-        """ITM probability for each (text row, image row) pair, in one forward pass (the
-        fusion logit includes the pair's dual-encoder cosine, see models/fusion.py)."""
-        if self.fusion is None:
-            raise RuntimeError("this model has no fusion re-ranker")
+        """Length-normalised log p(text | image) for each (text row, image row) pair: the mean
+        over the caption's tokens after the first (EOT included) of the decoder's
+        log-probability. All pairs in one decoder pass per `chunk` (the vocabulary logits of a
+        chunk are the memory peak: chunk x tokens x vocab floats)."""
+        decoder = self.decoder
+        if decoder is None:
+            raise RuntimeError("this model has no caption decoder (re-ranking needs a CoCa)")
         if not pairs:
             return np.zeros((0,), dtype=np.float32)
+        assert text.ids is not None
+        t_all = torch.tensor([p[0] for p in pairs], device=self.device)
+        i_all = torch.tensor([p[1] for p in pairs], device=self.device)
+        out = []
+        with self._inference():
+            for s in range(0, len(pairs), chunk):
+                t_idx, i_idx = t_all[s : s + chunk], i_all[s : s + chunk]
+                # Only the images this chunk uses go through the keys/values projections.
+                used, local = torch.unique(i_idx, return_inverse=True)
+                dec = decoder.decode(
+                    image_tokens[used].float(),
+                    text.tokens[t_idx, :-1].float(),
+                    local.reshape(-1),
+                    vocab=self.vocab,
+                )
+                labels = text.ids[t_idx, 1:]
+                total, count = caption_logprob(dec.logits, labels, self.pad_id, self.vocab)
+                out.append(total / count.clamp_min(1))
+        return torch.cat(out).cpu().numpy()
+
+    def prior_logprobs(self, text: TextOutput, rows: Sequence[int]) -> np.ndarray:
+        """log p(text | empty image), length-normalised: the text-only prior that VisualGPTScore
+        divides out."""
+        return self.caption_logprobs(
+            TextOutput(text.pooled, text.tokens, text.mask, text.ids),
+            self._null_tokens(),
+            [(r, 0) for r in rows],
+        )
+
+    def rerank_scores(
+        self,
+        text: TextOutput,
+        image: ImageTokens,
+        pairs: Sequence[tuple[int, int]],
+        *,
+        text_query: bool | Sequence[bool],
+    ) -> np.ndarray:
+        """Fused score for each (text row, image row) pair: cosine_weight x cosine +
+        caption_weight x log p(text | image) (minus the text prior for image queries when
+        the config says so). `text_query`: for all pairs, or per pair. Higher is better."""
+        if not pairs:
+            return np.zeros((0,), dtype=np.float32)
+        cfg = self.rerank_cfg
+        gen = self.caption_logprobs(text, image.tokens, pairs)
+        flags = [text_query] * len(pairs) if isinstance(text_query, bool) else list(text_query)
+        debias = [i for i, f in enumerate(flags) if not f] if cfg.debias_image_to_text else []
+        if debias:
+            rows = sorted({pairs[i][0] for i in debias})
+            prior = dict(zip(rows, self.prior_logprobs(text, rows), strict=True))
+            for i in debias:
+                gen[i] -= prior[pairs[i][0]]
+        cos = self.pair_cosines(text, image, pairs)
+        return (cfg.cosine_weight * cos + cfg.caption_weight * gen).astype(np.float32)
+
+    def pair_cosines(
+        self, text: TextOutput, image: ImageTokens, pairs: Sequence[tuple[int, int]]
+    ) -> np.ndarray:
         t_idx = torch.tensor([p[0] for p in pairs], device=self.device)
         i_idx = torch.tensor([p[1] for p in pairs], device=self.device)
-        with self._inference():
-            text_emb = F.normalize(text.pooled[t_idx].float(), dim=-1)
-            cosine = (text_emb * image.pooled[i_idx].float()).sum(dim=-1)
-            logits = self.fusion(text.tokens[t_idx], text.mask[t_idx], image.tokens[i_idx], cosine)
-            probs = torch.sigmoid(logits.float())
-        return probs.cpu().numpy()
+        text_emb = F.normalize(text.pooled[t_idx].float(), dim=-1)
+        cosine = (text_emb * image.pooled[i_idx].float()).sum(dim=-1)
+        return cosine.detach().cpu().numpy()

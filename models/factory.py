@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.checkpoint import Checkpoint, load_checkpoint
+from models.checkpoint import Checkpoint, CheckpointError, RerankConfig, load_checkpoint
+from models.decoder import adopt_decoder, init_text_projection
 from models.encoder import Encoder
-from models.fusion import FusionConfig, FusionReranker
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def _seeded_random_model(name: str, device: torch.device) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_INIT_SEED)
         model = open_clip.create_model(name, pretrained=None, device="cpu")
+        init_text_projection(model)  # a CoCa's is left uninitialised by open_clip 3.3
     return model.to(device)
 
 
@@ -198,8 +199,17 @@ def _build_tower_model(spec: EncoderSpec, device: torch.device) -> tuple[nn.Modu
         return _seeded_random_model(name, device), name, "none"
     path = Path(source).expanduser()
     if path.is_file():
-        model = open_clip.create_model(name, pretrained=str(path), device=device)
-        return model, name, str(path)
+        model = adopt_decoder(open_clip.create_model(name, pretrained=None, device="cpu"))
+        # strict=False only for the decoder's patch position embedding, which open_clip's
+        # CoCa weights do not have (it stays zero: the pretrained behaviour).
+        result = open_clip.load_checkpoint(model, str(path), strict=False)
+        missing = set(getattr(result, "missing_keys", []))
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected or missing - {"text_decoder.image_pos_embed"}:
+            raise WeightsUnavailable(
+                f"{path} does not fit {name}: missing {sorted(missing)}, extra {unexpected}"
+            )
+        return model.to(device), name, str(path)
     if os.sep in source or source.endswith((".pt", ".bin", ".safetensors", ".pth")):
         raise WeightsUnavailable(f"weights file {source} does not exist")
     cached = _cached_weights(name, source, spec.cache_dir)
@@ -226,25 +236,21 @@ def _model_cfg(name: str) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
-def build_model_from_checkpoint(
-    ckpt: Checkpoint, device: torch.device
-) -> tuple[nn.Module, FusionReranker | None]:
+def build_model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> nn.Module:
     import open_clip
 
     register_builtin_configs()
     register_config(ckpt.model_name, ckpt.model_cfg)
-    model = open_clip.create_model(ckpt.model_name, pretrained=None, device="cpu")
-    model.load_state_dict(ckpt.state_dict)
+    model = adopt_decoder(open_clip.create_model(ckpt.model_name, pretrained=None, device="cpu"))
+    # A checkpoint from before the decoder's patch position embedding keeps it at zero.
+    missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
+    if unexpected or set(missing) - {"text_decoder.image_pos_embed"}:
+        raise CheckpointError(f"weights do not fit {ckpt.model_name}: {missing}, {unexpected}")
     if ckpt.preprocess_cfg:
         from open_clip.model import set_model_preprocess_cfg
 
         set_model_preprocess_cfg(model, ckpt.preprocess_cfg)
-    fusion = None
-    if ckpt.fusion_cfg is not None and ckpt.fusion_state_dict is not None:
-        fusion = FusionReranker(FusionConfig.from_dict(ckpt.fusion_cfg))
-        fusion.load_compatible(ckpt.fusion_state_dict)
-        fusion = fusion.to(device)
-    return model.to(device), fusion
+    return model.to(device)
 
 
 def _text_tower_copy(model: nn.Module) -> nn.Module:
@@ -283,28 +289,29 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
 
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
-    fusion: FusionReranker | None = None
+    rerank_cfg = RerankConfig()
     if spec.checkpoint is not None:
         ckpt = load_checkpoint(Path(spec.checkpoint))
-        model, fusion = build_model_from_checkpoint(ckpt, device)
+        model = build_model_from_checkpoint(ckpt, device)
         name, weights, model_cfg = ckpt.model_name, str(spec.checkpoint), ckpt.model_cfg
+        rerank_cfg = RerankConfig.from_dict(ckpt.rerank_cfg)
     else:
         model, name, weights = _build_tower_model(spec, device)
         model_cfg = _model_cfg(name)
+    # A CoCa's decoder runs through the project's CocaDecoder (same weights, attention maps).
+    model = adopt_decoder(model)
     fingerprint = state_fingerprint(name, model.state_dict())
     preprocess_cfg = dict(get_model_preprocess_cfg(model))
     preprocess = image_preprocess(preprocess_cfg, model_cfg)
     text_model: nn.Module | None = None
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-        if fusion is not None:
-            fusion = fusion.to(torch.bfloat16)
     elif precision == "bf16-text":
         text_model = _text_tower_copy(model).to(torch.bfloat16)
     tokenizer = open_clip.get_tokenizer(name)
     log.info(
         "loaded %s (weights: %s) on %s, precision %s, fingerprint %s, re-ranker: %s",
-        name, weights, device, precision, fingerprint, "yes" if fusion is not None else "no",
+        name, weights, device, precision, fingerprint, "yes" if hasattr(model, "text_decoder") else "no",
     )  # fmt: skip
     return Encoder(
         model,
@@ -317,6 +324,6 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         fingerprint=fingerprint,
         model_cfg=model_cfg,
         preprocess_cfg=preprocess_cfg,
-        fusion=fusion,
+        rerank_cfg=rerank_cfg,
         text_model=text_model,
     )

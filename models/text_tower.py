@@ -3,7 +3,11 @@
 open_clip runs every text at the full context (77 tokens); a search query is usually ~11.
 With a causal mask, a token never attends to later positions, so dropping the trailing pad
 positions leaves every kept position's output unchanged: the pooled (EOT) feature is the same.
-Models where that does not hold (no causal mask, an appended CLS token) use the stock path.
+CoCa's text tower appends a CLS token after the whole context and pools it; its positional
+embedding is the one of the full context's last slot, and a padding mask keeps it off the pad
+tokens. Trimming then keeps that slot's embedding and the mask's columns for the kept
+positions, which again changes nothing (tests/models/test_encoders.py). The token features
+(before `ln_final`) are what CoCa's decoder reads. Models with no causal mask use the stock path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class TextOutput:
     pooled: torch.Tensor  # [B, embed_dim], projected, not normalised
     tokens: torch.Tensor  # [B, L, width] after the final LayerNorm
     mask: torch.Tensor  # [B, L] bool, True at real tokens (incl. SOT/EOT)
+    ids: torch.Tensor | None = None  # [B, L] the token ids (trimmed like `tokens`)
 
 
 class _TextParts:
@@ -38,7 +43,12 @@ class _TextParts:
             self.text_projection = tower.text_projection
             self.eos_id = getattr(tower, "eos_id", None)
             self.pad_id = int(getattr(tower, "pad_id", 0))
-            self.trimmable = tower.cls_emb is None and tower.attn_mask is not None
+            self.cls_emb = tower.cls_emb
+            self.correct_cls_mask = bool(getattr(tower, "correct_cls_mask", False))
+            self.heads = int(getattr(tower, "heads", 1))
+            self.trimmable = tower.attn_mask is not None and not getattr(
+                tower, "use_pad_mask", False
+            )
         else:
             m: Any = model
             self.token_embedding = m.token_embedding
@@ -50,8 +60,12 @@ class _TextParts:
             self.text_projection = m.text_projection
             self.eos_id = getattr(m, "text_eos_id", None)
             self.pad_id = 0
+            self.cls_emb = None
+            self.correct_cls_mask = False
+            self.heads = 1
             self.trimmable = m.attn_mask is not None
-        self.trimmable = self.trimmable and self.pool_type in ("argmax", "eos", "first")
+        if self.cls_emb is None:
+            self.trimmable = self.trimmable and self.pool_type in ("argmax", "eos", "first")
 
 
 def _pool(parts: _TextParts, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -64,9 +78,48 @@ def _pool(parts: _TextParts, x: torch.Tensor, text: torch.Tensor) -> torch.Tenso
     return x[rows, text.argmax(dim=-1)]  # argmax: EOT has the highest id
 
 
+def _cls_forward(parts: _TextParts, text: torch.Tensor, trim: bool) -> TextOutput:
+    """CoCa's text tower (CLS appended after the context), trimmed without changing a number.
+
+    open_clip's key mask over the context plus CLS is `valid` (text != pad) with the CLS slot
+    appended after it, or, in the legacy layout that pretrained CoCa weights use, prepended (so
+    key j < context counts as valid when token j - 1 is real, and the CLS key when the last
+    context token is). Keeping one position past the longest real token keeps every valid key.
+    """
+    batch, context = text.shape
+    valid = text != parts.pad_id
+    ones = valid.new_ones(batch, 1)
+    keys = torch.cat([valid, ones] if parts.correct_cls_mask else [ones, valid], dim=1)
+    length = context
+    if trim:
+        length = min(context, int(valid.sum(dim=1).max().item()) + 1)
+    kept = torch.cat([torch.arange(length), torch.tensor([context])]).to(text.device)
+    keys = keys[:, kept]  # [B, length + 1]
+    cast_dtype = parts.transformer.get_cast_dtype()
+    cls_emb: Any = parts.cls_emb
+    x = parts.token_embedding(text[:, :length]).to(cast_dtype)
+    x = torch.cat([x, cls_emb.to(cast_dtype).expand(batch, 1, -1)], dim=1)
+    x = x + parts.positional_embedding[kept].to(cast_dtype)
+    causal = parts.attn_mask[: length + 1, : length + 1].to(cast_dtype)
+    additive = torch.zeros(batch, 1, length + 1, dtype=cast_dtype, device=text.device)
+    additive = additive.masked_fill(~keys[:, None, :], float("-inf"))
+    mask = (causal[None] + additive).repeat_interleave(parts.heads, dim=0)
+    x = parts.transformer(x, attn_mask=mask)
+    pooled = parts.ln_final(x[:, -1])
+    if parts.text_projection is not None:
+        if isinstance(parts.text_projection, nn.Linear):
+            pooled = parts.text_projection(pooled)
+        else:
+            pooled = pooled @ parts.text_projection
+    ids = text[:, :length]
+    return TextOutput(pooled, x[:, :-1], ids != parts.pad_id, ids)
+
+
 def text_forward(model: nn.Module, text: torch.Tensor, *, trim: bool = True) -> TextOutput:
     """Run the text tower on token ids [B, context_length]."""
     parts = _TextParts(model)
+    if parts.cls_emb is not None and parts.trimmable:
+        return _cls_forward(parts, text, trim)
     mask_full = text != parts.pad_id
     if trim and parts.trimmable:
         length = int(mask_full.sum(dim=1).max().item())
@@ -97,7 +150,7 @@ def text_forward(model: nn.Module, text: torch.Tensor, *, trim: bool = True) -> 
             pooled = parts.text_projection(pooled)
         else:
             pooled = pooled @ parts.text_projection  # [B, embed_dim]
-    return TextOutput(pooled, x, text != parts.pad_id)
+    return TextOutput(pooled, x, text != parts.pad_id, text)
 
 
 def encode_text_trimmed(

@@ -32,6 +32,28 @@ def encoder() -> Encoder:
     return load_encoder(EncoderSpec(**TINY))
 
 
+def tiny_clip() -> str:
+    """Register and name xmodal-tiny's towers as a plain CLIP (no caption decoder, no CLS
+    token): the model kind that serves search but cannot re-rank."""
+    import open_clip
+
+    from models.factory import register_builtin_configs, register_config
+
+    register_builtin_configs()
+    cfg = open_clip.get_model_config("xmodal-tiny")
+    assert cfg is not None
+    drop = ("embed_cls", "output_tokens", "attentional_pool")
+    register_config(
+        "xmodal-tiny-clip",
+        {
+            "embed_dim": cfg["embed_dim"],
+            "vision_cfg": {k: v for k, v in cfg["vision_cfg"].items() if k not in drop},
+            "text_cfg": {k: v for k, v in cfg["text_cfg"].items() if k not in drop},
+        },
+    )
+    return "xmodal-tiny-clip"
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

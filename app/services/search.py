@@ -1,4 +1,4 @@
-"""Search in every direction, with optional re-ranking by the fusion head. Knows nothing of HTTP."""
+"""Search in every direction, with optional re-ranking by CoCa's decoder. Knows nothing of HTTP."""
 
 from __future__ import annotations
 
@@ -119,8 +119,9 @@ async def _query_image_vector(
 def _reranker(backend: Backend) -> Batcher[RerankJob, np.ndarray]:
     if backend.reranker is None:
         raise RerankUnavailable(
-            "the loaded model has no fusion re-ranker; load a checkpoint trained with "
-            "`xmodal train` (--checkpoint) or search without rerank"
+            "the loaded model has no caption decoder to re-rank with (re-ranking needs a CoCa: "
+            "--model coca_ViT-B-32 --pretrained laion2b_s13b_b90k, or a checkpoint from "
+            "`xmodal train`); or search without rerank"
         )
     return backend.reranker
 
@@ -128,7 +129,7 @@ def _reranker(backend: Backend) -> Batcher[RerankJob, np.ndarray]:
 async def _rerank(
     reranker: Batcher[RerankJob, np.ndarray], hits: list[Hit], job: RerankJob
 ) -> None:
-    """Score each hit's pair with the fusion head (through its batcher) and sort by it."""
+    """Score each hit's pair with the decoder (through its batcher) and sort by it."""
     probs = await reranker.submit(job)
     for hit, prob in zip(hits, probs, strict=True):
         hit.rerank_score = float(prob)
@@ -156,22 +157,29 @@ async def search_by_text(
     found = await to_thread.run_sync(_search, library, library.images, vector, depth, filter_)
     hits = [Hit(item, score) for item, score in found]
     if reranker is not None and hits:
-        pixels = await to_thread.run_sync(_load_pixels, library, [h.item for h in hits])
-        await _rerank(reranker, hits, RerankJob([query], pixels))
+        cache = library.encoder.token_cache
+        keys: list[Any] = [("image", library.encoder.fingerprint, h.item.id) for h in hits]
+        cached = [cache.get(key) for key in keys]
+        missing = [h.item for h, c in zip(hits, cached, strict=True) if c is None]
+        loaded = iter(await to_thread.run_sync(_load_pixels, library, missing))
+        pixels = [next(loaded) if c is None else None for c in cached]
+        await _rerank(reranker, hits, RerankJob([query], pixels, keys, cached))
     return SearchOutcome(_cut(hits, k, min_score), (time.perf_counter() - started) * 1000)
 
 
 def query_vector(values: list[float], dim: int) -> np.ndarray:
-    """A caller's embedding as a query: the model's dimension, finite, not zero; normalised."""
+    """A caller's embedding as a query: the model's dimension, finite, not all zero; normalised
+    (scaled by its largest component first, so neither tiny nor huge values lose the direction)."""
     if len(values) != dim:
         raise InvalidField(f"vector has {len(values)} dimensions; the model's is {dim}")
     vector = np.asarray(values, dtype=np.float64)
     if not np.isfinite(vector).all():
         raise InvalidField("vector contains NaN or infinite values")
-    norm = float(np.linalg.norm(vector))
-    if norm == 0.0 or not np.isfinite(norm):
-        raise InvalidField("vector has zero (or overflowing) length; it cannot be normalised")
-    return (vector / norm).astype(np.float32)
+    largest = float(np.abs(vector).max())
+    if largest == 0.0:
+        raise InvalidField("vector is all zeros; it has no direction to search in")
+    vector /= largest
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
 async def search_by_vector(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.decoder import vocab_labels
+
 
 def caption_positives(text_ids: torch.Tensor) -> torch.Tensor:
     """[B, L] token ids -> [B, B] bool: row i's caption is identical to row j's."""
@@ -35,61 +37,46 @@ def itc_loss(
     return (i2t + t2i.sum(1).mean()) / 2
 
 
-def mine_hard_negatives(
-    similarity: torch.Tensor,
-    positives: torch.Tensor,
-    generator: torch.Generator | None = None,
-    *,
-    hard: bool = True,
-    temperature: float = 1.0,
-    hardness: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one negative text per image and one negative image per text from a batch.
-
-    similarity [B images, B texts] (scaled logits; detached), positives [B, B] bool.
-    hard=True samples in proportion to softmax(similarity / temperature) over the negatives
-    (ALBEF/BLIP: the pairs the dual encoder confuses are the ones worth teaching the fusion
-    head); hard=False samples negatives uniformly. Returns (text index per image, image index
-    per text), -1 where a row has no negative (every caption in the batch is the same).
-    `hardness` in [0, 1] mixes the two: weights = hardness * mined + (1 - hardness) * uniform
-    (a curriculum: a head trained from scratch gets no usable gradient from near-twins alone).
-    """
-    with torch.no_grad():
-        sim = similarity.detach().float()
-        scores = sim / temperature if hard else torch.zeros_like(sim)
-        scores = scores.masked_fill(positives, float("-inf"))
-        negs = []
-        for s, pos in ((scores, positives), (scores.t(), positives.t())):
-            has_negative = (~pos).any(dim=1)
-            # A row with no negative would softmax to NaN: give it uniform weights, mark -1.
-            weights = torch.softmax(s.masked_fill(~has_negative[:, None], 0.0), dim=1)
-            if hard and hardness < 1.0:
-                uniform = (~pos).float()
-                uniform = uniform / uniform.sum(dim=1, keepdim=True).clamp_min(1.0)
-                uniform = torch.where(has_negative[:, None], uniform, weights)
-                weights = hardness * weights + (1.0 - hardness) * uniform
-            # Sample on the CPU with the caller's CPU generator: the same draws on any device.
-            picked = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1)
-            picked = picked.to(weights.device)
-            negs.append(torch.where(has_negative, picked, torch.full_like(picked, -1)))
-    return negs[0], negs[1]
+def caption_loss(
+    logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0, vocab: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Teacher-forced captioning: cross-entropy of logits [B, L, V] (over `vocab`, sorted
+    token ids, when given) against the next tokens labels [B, L] (ids), pads ignored (as
+    open_clip's CoCaLoss). Every label must be in `vocab`."""
+    target = vocab_labels(labels, vocab)
+    target = torch.where(labels == pad_id, torch.full_like(target, -100), target)
+    return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100)
 
 
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary matching loss on fusion logits [N] with 0/1 labels [N]."""
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+def patch_targets(box: list[float], grid: int) -> torch.Tensor:
+    """[grid * grid] bool: the patches (row-major) a box [x0, y0, x1, y1] (fractions) covers by
+    at least a quarter of the patch, and always the patch under the box's centre."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    edges = torch.arange(grid + 1, dtype=torch.float32) / grid
+    lo, hi = edges[:-1], edges[1:]
+    over_x = (torch.minimum(hi, torch.tensor(x1)) - torch.maximum(lo, torch.tensor(x0))).clamp(0)
+    over_y = (torch.minimum(hi, torch.tensor(y1)) - torch.maximum(lo, torch.tensor(y0))).clamp(0)
+    cover = over_y[:, None] * over_x[None, :] * grid * grid  # [rows, cols] fraction of patch
+    mask = cover >= 0.25
+    cx = min(grid - 1, max(0, int((x0 + x1) / 2 * grid)))
+    cy = min(grid - 1, max(0, int((y0 + y1) / 2 * grid)))
+    mask[cy, cx] = True
+    return mask.flatten()
 
 
-def group_listwise_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Softmax over a twin group's candidates, both directions.
+def grounding_loss(maps: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Minus the log of the cross-attention mass inside the box, at each grounded position.
 
-    logits [G, K, K] fusion logits for every (text k, image k') pair inside each of G groups
-    of K near-twins; positives [G, K, K] bool. Re-ranking is a choice among a few look-alikes;
-    this trains exactly that choice, with gradient from all K-1 twins at once, where BCE
-    scores each pair on its own scale.
-    """
-    target = positives.to(logits.dtype)
-    logits = logits.float()
-    t2i = -(target / target.sum(2, keepdim=True).clamp_min(1) * F.log_softmax(logits, dim=2))
-    i2t = -(target / target.sum(1, keepdim=True).clamp_min(1) * F.log_softmax(logits, dim=1))
-    return (t2i.sum(2).mean() + i2t.sum(1).mean()) / 2
+    maps: per decoder layer [B, heads, L, P] attention weights; targets [B, L, P] bool (the
+    box's patches for each position; all False where the position is not grounded).
+    Averaged over heads inside the log (the heads together must look at the box, any one
+    may look elsewhere), then over grounded positions and layers."""
+    grounded = targets.any(dim=-1)  # [B, L]
+    if not bool(grounded.any()):
+        return maps[0].sum() * 0.0
+    weights = targets.to(maps[0].dtype)[:, None]  # [B, 1, L, P]
+    losses = []
+    for attn in maps:
+        mass = (attn.float() * weights).sum(dim=-1).mean(dim=1)  # [B, L]
+        losses.append(-torch.log(mass[grounded].clamp_min(1e-6)).mean())
+    return torch.stack(losses).mean()

@@ -1,25 +1,30 @@
 """Synthetic image-caption pairs that need attribute binding and spatial relations.
 
 Each scene holds two coloured shapes in a relation ("a red circle to the left of a blue
-square"). A scene's *near-twins* keep the same two shapes, the same two colours and the same
+square"). A scene's *near-twins* (`--hard`) keep the same two shapes, the same two colours and the same
 two slots (positions and sizes) and change only the binding or the relation:
 
 - colour swap: the shapes trade colours ("a blue circle to the left of a red square");
-- relation flip: the shapes trade slots ("a red circle to the right of a blue square");
-- both.
+- shape swap: the colours stay in their slots, the shapes trade ("a red square to the left
+  of a blue circle");
+- relation flip: the shapes trade slots ("a red circle to the right of a blue square").
 
-A bag of words cannot tell a colour-swapped twin apart (same words), and a relation flip is a
-binding problem too, since which object is named first varies. A twin group is these four
-images; each caption is true of exactly one image in its group.
+A bag of words cannot tell a colour- or shape-swapped twin apart (same words), and a relation
+flip is a binding problem too, since which object is named first varies. A twin group is
+these four images; each caption is true of exactly one image in its group.
 
 Datasets are written in the dataset CSV format (`filepath,caption`, paths relative to the CSV's
-folder, PNG files) plus a `group` column: rows sharing a group id are near-twins. Readers that
-only know `filepath,caption` ignore it; `models.training` uses it to put twins in one batch.
+folder, PNG files) plus `group` (rows sharing a group id are near-twins), `twin` (base,
+colour, shape or relation: what the row changes relative to its group's base row) and `boxes`
+(a JSON list of {"phrase", "box": [x0, y0, x1, y1]} in fractions of the width and height, one
+per object phrase such as "red circle"). Readers that only know `filepath,caption` ignore
+them; `xmodal train` uses `boxes` for its grounding loss and `xmodal eval` uses `twin`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import random
@@ -85,6 +90,21 @@ class Scene:
             f"{self.second_shape}"
         )
 
+    def boxes(self, size: int = 64) -> list[dict[str, object]]:
+        """Each object phrase ("red circle") with its box, in fractions of the image size."""
+        out: list[dict[str, object]] = []
+        for shape, colour, slot in (
+            (self.first_shape, self.first_colour, self.slots[0]),
+            (self.second_shape, self.second_colour, self.slots[1]),
+        ):
+            box = [(slot.x - slot.r) / size, (slot.y - slot.r) / size]
+            box += [(slot.x + slot.r) / size, (slot.y + slot.r) / size]
+            out.append({"phrase": f"{colour} {shape}", "box": [round(v, 4) for v in box]})
+        return out
+
+    def shape_swapped(self) -> Scene:
+        return replace(self, first_shape=self.second_shape, second_shape=self.first_shape)
+
     def colour_swapped(self) -> Scene:
         return replace(self, first_colour=self.second_colour, second_colour=self.first_colour)
 
@@ -93,9 +113,11 @@ class Scene:
         return replace(self, relation=RELATIONS[self.relation], slots=self.slots[::-1])
 
     def twins(self) -> list[Scene]:
-        """The scene and its three near-twins, in a fixed order: self, swap, flip, both."""
-        swapped = self.colour_swapped()
-        return [self, swapped, self.relation_flipped(), swapped.relation_flipped()]
+        """The scene and its three near-twins, in the order of `TWIN_KINDS`."""
+        return [self, self.colour_swapped(), self.shape_swapped(), self.relation_flipped()]
+
+
+TWIN_KINDS = ("base", "colour", "shape", "relation")
 
 
 def _sample_slots(rng: random.Random, relation: str, size: int) -> tuple[Slot, Slot]:
@@ -214,18 +236,18 @@ def _orient(
     return (a, b), (c, d), rel
 
 
-def make_scenes(n: int, seed: int, *, twins: bool, size: int = 64) -> list[tuple[Scene, int]]:
-    """`n` (scene, group id) pairs, deterministic in `seed`.
+def make_scenes(n: int, seed: int, *, twins: bool, size: int = 64) -> list[tuple[Scene, int, str]]:
+    """`n` (scene, group id, twin kind) triples, deterministic in `seed`.
 
-    twins=True: whole twin groups (4 consecutive rows; `n` rounded down to a multiple of 4)
-    whose (shape pair, colour pair, axis) are all different while there are enough of them
-    (450), so every caption is true of exactly one image in the set.
-    twins=False: independent random scenes, each its own group.
+    twins=True: whole twin groups (4 consecutive rows in `TWIN_KINDS` order; `n` rounded down
+    to a multiple of 4) whose (shape pair, colour pair, axis) are all different while there
+    are enough of them (450), so every caption is true of exactly one image in the set.
+    twins=False: independent random scenes, each its own group (kind "base").
     """
     rng = random.Random(seed)
-    out: list[tuple[Scene, int]] = []
+    out: list[tuple[Scene, int, str]] = []
     if not twins:
-        return [(random_scene(rng, size), g) for g in range(n)]
+        return [(random_scene(rng, size), g, "base") for g in range(n)]
     groups = n // 4
     configs = _distinct_configs(rng)
     if groups > len(configs):
@@ -240,30 +262,31 @@ def make_scenes(n: int, seed: int, *, twins: bool, size: int = 64) -> list[tuple
             rng.shuffle(configs)
         shapes, colours, rel = _orient(rng, configs[g % len(configs)])
         base = random_scene(rng, size, shapes=shapes, colours=colours, relation=rel)
-        out.extend((scene, g) for scene in base.twins())
+        out.extend((scene, g, kind) for scene, kind in zip(base.twins(), TWIN_KINDS, strict=True))
     return out
 
 
 def write_dataset(folder: Path, n: int, seed: int, *, twins: bool = False, size: int = 64) -> Path:
     """Render `n` pairs (see `make_scenes`) as PNGs under `folder/images` and write
-    `folder/data.csv` (`filepath,caption,group`). Returns the CSV path."""
+    `folder/data.csv` (`filepath,caption,group,twin,boxes`). Returns the CSV path."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     csv_path = folder / "data.csv"
     rows = []
-    for i, (scene, group) in enumerate(make_scenes(n, seed, twins=twins, size=size)):
+    for i, (scene, group, kind) in enumerate(make_scenes(n, seed, twins=twins, size=size)):
         rel = f"images/{i:06d}.png"
         # PNG metadata off: the bytes depend only on the pixels, so files are reproducible.
         render(scene, size).save(folder / rel, format="PNG", optimize=False)
-        rows.append((rel, scene.caption, group))
+        boxes = json.dumps(scene.boxes(size), separators=(",", ":"))
+        rows.append((rel, scene.caption, group, kind, boxes))
     with csv_path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["filepath", "caption", "group"])
+        writer.writerow(["filepath", "caption", "group", "twin", "boxes"])
         writer.writerows(rows)
     log.info("wrote %d pairs (%s) to %s", len(rows), "twin groups" if twins else "random", csv_path)
     return csv_path
 
 
-def synth_main(out: Path, n: int, seed: int, twins: bool) -> Path:
-    """`xmodal synth --out DIR --n N --seed S [--twins]`: write a dataset, return its CSV."""
-    return write_dataset(out, n, seed, twins=twins)
+def synth_main(out: Path, n: int, seed: int, hard: bool) -> Path:
+    """`xmodal synth --out DIR --n N --seed S [--hard]`: write a dataset, return its CSV."""
+    return write_dataset(out, n, seed, twins=hard)

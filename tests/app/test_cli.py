@@ -92,7 +92,7 @@ def test_help_shows_real_defaults_only(command: str, capsys: pytest.CaptureFixtu
     assert "(default: None)" not in text and "(default: False)" not in text
     flat = " ".join(text.split())
     if command == "train":
-        assert "--epochs EPOCHS passes over the CSV (default: 10)" in flat
+        assert "--epochs EPOCHS passes over the CSV (default: 20)" in flat
         assert "--seed SEED same seed, same checkpoint (default: 0)" in flat
 
 

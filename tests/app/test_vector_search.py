@@ -40,6 +40,11 @@ def test_vector_search_matches_numpy_and_text_search_shape(client: TestClient) -
     # Scaling the query changes nothing: it is normalised like any query.
     scaled = client.post("/v1/search/vector", json={"vector": (query * 37).tolist(), "k": 4})
     assert [h["id"] for h in scaled.json()["results"]] == expected
+    # ... down to subnormal and up to near-overflow values, whose plain norm is 0 or inf.
+    for factor in (1e-315, 1e300):
+        extreme = client.post("/v1/search/vector", json={"vector": (q * factor).tolist(), "k": 4})
+        assert extreme.status_code == 200, (factor, extreme.text)
+        assert [h["id"] for h in extreme.json()["results"]] == expected
 
 
 def test_vector_search_filter_and_min_score(client: TestClient) -> None:

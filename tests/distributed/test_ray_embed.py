@@ -98,6 +98,43 @@ def test_embed_cli_refuses_another_models_out_dir(
     assert "another model" in capsys.readouterr().err
 
 
-@pytest.mark.skip(reason="needs xmodal import (issue 13, another branch): add after the merge")
-def test_embed_then_import_answers_the_same_searches() -> None:
+def test_embed_then_import_answers_the_same_searches(
+    ray_cluster: Any, encoder: Encoder, tmp_path: Path
+) -> None:
     """embed --engine ray -> xmodal import -> search equals xmodal index -> search."""
+    from app.distributed.embed import embed_paths
+    from app.services.imports import import_paths
+
+    folder = tmp_path / "images"
+    _images(folder, 10)
+    shards = tmp_path / "shards"
+    imported_settings = make_settings(tmp_path / "imported")
+    embed_paths([folder], shards, imported_settings, encoder_spec(imported_settings), shard_size=4)
+    queries = encoder.encode_texts(["a red square", "blue", "a photo of a dog", "noise"])
+
+    def answers(library: Library) -> list[list[tuple[str, float]]]:
+        items = {i.id: i.sha256 for i in library.store.list_items("image", limit=100)}
+        return [
+            [(items[hit.id], hit.score) for hit in hits]
+            for hits in library.images.search(queries, 5)
+        ]
+
+    imported = Library.open(imported_settings, encoder)
+    try:
+        report = import_paths(imported, [shards], progress=False)
+        assert report.added == 10 and report.without_file == 0
+        from_shards = answers(imported)
+        # the image bytes came along: content is stored, not only the vector
+        item = imported.store.list_items("image", limit=1)[0]
+        assert imported.media.path_of(item.media_path or "").is_file()
+    finally:
+        imported.close()
+    indexed = Library.open(make_settings(tmp_path / "indexed"), encoder)
+    try:
+        index_paths(indexed, [folder], batch_size=8, workers=0, progress=False)
+        from_index = answers(indexed)
+    finally:
+        indexed.close()
+    for got, want in zip(from_shards, from_index, strict=True):
+        assert [sha for sha, _ in got] == [sha for sha, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)

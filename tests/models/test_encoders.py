@@ -13,8 +13,14 @@ import torch.nn.functional as F
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.encoder import Encoder
-from models.factory import EncoderSpec, WeightsUnavailable, load_encoder, register_builtin_configs
+from models.factory import (
+    EncoderSpec,
+    WeightsUnavailable,
+    load_encoder,
+    register_builtin_configs,
+)
 from models.text_tower import encode_text_trimmed
+from tests.conftest import tiny_clip
 
 MIXED = [
     "a",
@@ -25,12 +31,15 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("custom_text", [False, True])
-def test_trimmed_text_matches_open_clip(custom_text: bool) -> None:
+@pytest.mark.parametrize(
+    ("name", "custom_text"), [("clip", False), ("clip", True), ("xmodal-tiny", True)]
+)
+def test_trimmed_text_matches_open_clip(name: str, custom_text: bool) -> None:
     register_builtin_configs()
+    name = tiny_clip() if name == "clip" else name
     torch.manual_seed(1)
-    model = open_clip.create_model("xmodal-tiny", force_custom_text=custom_text).eval()
-    tokenizer = open_clip.get_tokenizer("xmodal-tiny")
+    model = open_clip.create_model(name, force_custom_text=custom_text).eval()
+    tokenizer = open_clip.get_tokenizer(name)
     tokens = tokenizer(MIXED)
     with torch.no_grad():
         stock = F.normalize(model.encode_text(tokens), dim=-1)
@@ -69,13 +78,14 @@ def test_local_weights_file(encoder: Encoder, tmp_path: Path) -> None:
 
 def test_checkpoint_round_trip(encoder: Encoder, tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pt"
-    assert encoder.name == "xmodal-tiny" and not encoder.has_reranker
+    assert encoder.name == "xmodal-tiny" and encoder.has_reranker  # a tiny CoCa
     save_checkpoint(encoder.to_checkpoint(), path)
     ckpt = load_checkpoint(path)
     for key, value in encoder.model.state_dict().items():
         assert torch.equal(ckpt.state_dict[key], value), key
     loaded = load_encoder(EncoderSpec(checkpoint=path, device="cpu", precision="fp32"))
-    assert loaded.fingerprint == encoder.fingerprint and not loaded.has_reranker
+    assert loaded.fingerprint == encoder.fingerprint and loaded.has_reranker
+    assert loaded.rerank_cfg == encoder.rerank_cfg
     np.testing.assert_array_equal(
         loaded.encode_texts(["same result"]), encoder.encode_texts(["same result"])
     )

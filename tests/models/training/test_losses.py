@@ -1,4 +1,4 @@
-"""ITC and ITM building blocks."""
+"""Contrastive, captioning and grounding losses."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from models.training.losses import (
+    caption_loss,
     caption_positives,
-    group_listwise_loss,
+    grounding_loss,
     itc_loss,
-    mine_hard_negatives,
+    patch_targets,
 )
 
 
@@ -22,9 +23,8 @@ def test_itc_prefers_aligned_pairs_and_counts_duplicates() -> None:
     aligned = itc_loss(emb, emb, scale)
     shuffled = itc_loss(emb, emb.roll(1, dims=0), scale)
     assert aligned < shuffled
-    # Two rows with the same caption: the mask makes each image's target both texts. Identical
-    # captions have identical embeddings, so the loss value is the same either way; the mask
-    # matters for ITM mining (a duplicate must never be drawn as a negative).
+    # Two rows with the same caption: the mask makes each image's target both texts (identical
+    # captions have identical embeddings, so the loss value is the same either way).
     ids = torch.tensor([[1, 2], [1, 2], [3, 4]])
     pos = caption_positives(ids)
     assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
@@ -32,50 +32,32 @@ def test_itc_prefers_aligned_pairs_and_counts_duplicates() -> None:
     assert itc_loss(img, img, scale, pos) == pytest.approx(itc_loss(img, img, scale).item())
 
 
-def test_mining_never_picks_a_positive_and_prefers_the_confusable() -> None:
-    sim = torch.tensor(
-        [[5.0, 4.9, 4.0, -5.0], [4.9, 5.0, -5.0, -5.0], [0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 5.0]]
-    )
-    pos = torch.eye(4, dtype=torch.bool)
-    pos[0, 1] = pos[1, 0] = True  # rows 0 and 1 share a caption
-    gen = torch.Generator().manual_seed(0)
-    picks = [mine_hard_negatives(sim * 3, pos, gen) for _ in range(100)]
-    neg_text = torch.stack([p[0] for p in picks])  # [200, 4]
-    neg_image = torch.stack([p[1] for p in picks])
-    for row in range(4):
-        assert not pos[row, neg_text[:, row]].any()
-        assert not pos[neg_image[:, row], row].any()
-    # Image 0's most similar non-positive text is text 2 (4.0 vs -5.0): nearly always chosen.
-    assert (neg_text[:, 0] == 2).float().mean() > 0.95
-    uniform = torch.stack(
-        [mine_hard_negatives(sim * 3, pos, gen, hard=False)[0] for _ in range(200)]
-    )
-    assert 0.3 < (uniform[:, 0] == 3).float().mean() < 0.7
+def test_caption_loss_ignores_padding_and_uses_the_vocabulary() -> None:
+    vocab = torch.tensor([3, 8, 9])
+    logits = torch.zeros(1, 3, 3)
+    logits[0, 0, 1] = 5.0  # position 0 predicts token 8 confidently
+    labels = torch.tensor([[8, 9, 0]])  # last position is padding
+    loss = caption_loss(logits, labels, 0, vocab)
+    expected = (-torch.log_softmax(logits[0, 0], 0)[1] + math.log(3)) / 2
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_mining_marks_rows_without_negatives() -> None:
-    pos = torch.ones(3, 3, dtype=torch.bool)
-    neg_text, neg_image = mine_hard_negatives(torch.zeros(3, 3), pos)
-    assert neg_text.tolist() == [-1, -1, -1] and neg_image.tolist() == [-1, -1, -1]
+def test_patch_targets_cover_the_box() -> None:
+    mask = patch_targets([0.0, 0.0, 0.25, 0.25], grid=8).reshape(8, 8)
+    assert mask[:2, :2].all() and mask.sum() == 4
+    tiny = patch_targets([0.51, 0.51, 0.52, 0.52], grid=8)
+    assert tiny.sum() == 1 and tiny.reshape(8, 8)[4, 4]  # the centre's patch at least
 
 
-def test_group_listwise_loss() -> None:
-    pos = torch.eye(4, dtype=torch.bool)[None]
-    assert group_listwise_loss(torch.zeros(1, 4, 4), pos).item() == pytest.approx(math.log(4))
-    assert group_listwise_loss(torch.eye(4)[None] * 10, pos) < 0.01
-
-
-def test_mining_hardness_mixes_in_uniform_negatives() -> None:
-    # Row 0's confusable negative is text 1; text 2 and 3 are easy (far) negatives.
-    sim = torch.tensor([[5.0, 4.9, -5.0, -5.0]] * 4) * 3
-    pos = torch.eye(4, dtype=torch.bool)
-    counts = {}
-    for hardness in (1.0, 0.0):
-        gen = torch.Generator().manual_seed(0)
-        picks = torch.stack(
-            [mine_hard_negatives(sim, pos, gen, hardness=hardness)[0] for _ in range(300)]
-        )
-        assert not (picks[:, 0] == 0).any()  # never the positive
-        counts[hardness] = torch.bincount(picks[:, 0], minlength=4)
-    assert counts[1.0][1] == 300  # fully mined: always the confusable one
-    assert all(80 <= int(c) <= 120 for c in counts[0.0][1:])  # uniform over the three negatives
+def test_grounding_loss_rewards_attention_inside_the_box() -> None:
+    targets = torch.zeros(1, 2, 4, dtype=torch.bool)
+    targets[0, 0, :2] = True  # position 0 is grounded on patches 0-1; position 1 is not
+    inside = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    outside = torch.tensor([0.0, 0.0, 0.5, 0.5])
+    good = torch.stack([inside, outside])[None, None]  # [1, 1 head, 2, 4]
+    bad = torch.stack([outside, inside])[None, None]
+    assert grounding_loss([good], targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert grounding_loss([bad], targets).item() > 10
+    # Averaged over heads inside the log: two heads with half the mass each -> log 2.
+    split = torch.stack([torch.stack([inside, inside]), torch.stack([outside, outside])])[None]
+    assert grounding_loss([split], targets).item() == pytest.approx(math.log(2), abs=1e-5)
