@@ -236,6 +236,15 @@ def _model_cfg(name: str) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
+def has_caption_decoder(spec: EncoderSpec) -> bool:
+    """Whether the model `spec` loads can re-rank (a CoCa: its config has a multimodal
+    decoder), read from the config or the checkpoint without building the model."""
+    if spec.checkpoint is not None:
+        return "multimodal_cfg" in load_checkpoint(spec.checkpoint).model_cfg
+    register_builtin_configs()
+    return "multimodal_cfg" in _model_cfg(spec.name)
+
+
 def build_model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> nn.Module:
     import open_clip
 

@@ -8,7 +8,7 @@ Deployments of one Serve application (`xmodal`):
   the single-process path and keeps every guarantee of RELIABILITY.md. It is placed on the node
   where `xmodal serve` runs (where the data dir is). It loads the encoder on its CPU too: for
   the fingerprint check of the data dir, preprocessing, and re-embedding on a model change.
-- `TextEncoder`, `ImageEncoder` and (with a checkpoint that has one) `Reranker`: N replicas
+- `TextEncoder`, `ImageEncoder` and (for a model with a caption decoder) `Reranker`: N replicas
   each (`--replicas`, or autoscaling between `--min-replicas` and `--max-replicas`), one GPU per
   replica where the cluster has GPUs. They run the batch functions of
   `app/services/forward_passes.py` -- the same ones the single process runs. Where batches are
@@ -53,7 +53,7 @@ from app.library import Library
 from app.main import create_app
 from app.runtime import Backend, encoder_spec
 from app.services import forward_passes
-from models.factory import EncoderSpec, load_encoder
+from models.factory import EncoderSpec, has_caption_decoder, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -384,10 +384,10 @@ def build_application(
     ingress_resources: dict[str, float] | None = None,
 ) -> Any:
     """The Serve application (bound deployments). `with_reranker` None: deploy the Reranker
-    when the model comes from a checkpoint (only checkpoints carry a re-ranker)."""
-    if with_reranker is None:
-        with_reranker = settings.model.checkpoint is not None
+    when the model has a caption decoder to re-rank with (a CoCa, or a checkpoint of one)."""
     spec: EncoderSpec = encoder_spec(settings)
+    if with_reranker is None:
+        with_reranker = has_caption_decoder(spec)
     spec_dict = dict(spec.__dict__)
     batch = settings.batch.model_dump()
     gpus = float(ray.cluster_resources().get("GPU", 0))

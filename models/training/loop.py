@@ -35,7 +35,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import RerankConfig, save_checkpoint
 from models.decoder import CocaDecoder
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
@@ -262,6 +262,55 @@ def _patch_grid(visual: Any, encoder: Encoder) -> int | None:
     return side if tokens.shape[1] == side * side else None
 
 
+class _LossTracker:
+    """Each loss term's first value and its running mean over the last `window` steps."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.first: dict[str, float] = {}
+        self._recent: dict[str, list[float]] = {}
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            self.first.setdefault(key, float(value.detach()))
+            recent = self._recent.setdefault(key, [])
+            recent.append(float(value.detach()))
+            del recent[: -self.window]
+
+    def means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self._recent.items()}
+
+
+def _grounding(
+    cfg: TrainConfig, encoder: Encoder, visual: Any, rows: _Rows, text_ids: torch.Tensor
+) -> torch.Tensor | None:
+    """Per-caption attention targets from the CSV's phrase boxes, or None (no boxes, weight 0,
+    or a decoder that does not read a patch grid)."""
+    if rows.boxes is None or cfg.grounding_weight <= 0:
+        return None
+    grid = _patch_grid(visual, encoder)
+    if grid is None:
+        log.warning("%s's decoder does not read a patch grid: no grounding loss", cfg.model)
+        return None
+    positions = phrase_positions(encoder, text_ids, rows.boxes)
+    covered = sum(1 for p in positions if p)
+    log.info("grounding: %d of %d captions have boxed phrases", covered, len(positions))
+    return grounding_targets(positions, text_ids.shape[1], grid)
+
+
+def _caption_vocab(cfg: TrainConfig, encoder: Encoder, text_ids: torch.Tensor) -> RerankConfig:
+    """The re-ranking config to train and save: from scratch (or when asked) the decoder's
+    softmax runs over the training captions' token ids only, which halves a CPU step."""
+    rerank_cfg = encoder.rerank_cfg
+    scratch = cfg.pretrained.lower() in ("none", "random", "") and cfg.checkpoint is None
+    if cfg.caption_vocab == "data" or (cfg.caption_vocab == "auto" and scratch):
+        known = set(rerank_cfg.vocab or []) | set(torch.unique(text_ids).tolist())
+        return replace(rerank_cfg, vocab=sorted(known - {encoder.pad_id}))
+    if cfg.caption_vocab == "full":
+        return replace(rerank_cfg, vocab=None)
+    return rerank_cfg
+
+
 def _train(config: TrainConfig) -> Path:
     cfg = config
     if cfg.threads:
@@ -292,24 +341,8 @@ def _train(config: TrainConfig) -> Path:
     log.info("reading %d images from %s", n, cfg.data)
     pixels = PixelSource(rows.paths, encoder, cfg.workers)
     text_ids = encoder.tokenize(rows.captions)  # [N, context]
-    targets: torch.Tensor | None = None
-    grid = _patch_grid(visual, encoder)
-    if rows.boxes is not None and cfg.grounding_weight > 0:
-        if grid is None:
-            log.warning("%s's decoder does not read a patch grid: no grounding loss", cfg.model)
-        else:
-            positions = phrase_positions(encoder, text_ids, rows.boxes)
-            targets = grounding_targets(positions, text_ids.shape[1], grid)
-            covered = sum(1 for p in positions if p)
-            log.info("grounding: %d of %d captions have boxed phrases", covered, n)
-
-    rerank_cfg = encoder.rerank_cfg
-    scratch = cfg.pretrained.lower() in ("none", "random", "") and cfg.checkpoint is None
-    if cfg.caption_vocab == "data" or (cfg.caption_vocab == "auto" and scratch):
-        known = set(rerank_cfg.vocab or []) | set(torch.unique(text_ids).tolist())
-        rerank_cfg = replace(rerank_cfg, vocab=sorted(known - {encoder.pad_id}))
-    elif cfg.caption_vocab == "full":
-        rerank_cfg = replace(rerank_cfg, vocab=None)
+    targets = _grounding(cfg, encoder, visual, rows, text_ids)
+    rerank_cfg = _caption_vocab(cfg, encoder, text_ids)
     vocab = torch.tensor(rerank_cfg.vocab, device=device) if rerank_cfg.vocab else None
 
     modules: list[nn.Module] = [decoder] if cfg.freeze_towers else [model]
@@ -329,8 +362,7 @@ def _train(config: TrainConfig) -> Path:
     start = time.monotonic()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     step, stopped_early = 0, False
-    recent: dict[str, list[float]] = {}
-    first: dict[str, float] = {}
+    tracked = _LossTracker(window=steps_per_epoch)
     progress = tqdm(total=total, desc="train", unit="step")
     for epoch in range(cfg.epochs):
         for batch in batches(n, cfg.batch_size, generator):
@@ -356,13 +388,8 @@ def _train(config: TrainConfig) -> Path:
             with torch.no_grad():
                 # open_clip clamps the learned temperature to at most 100 (log 100 ~ 4.6052).
                 model.logit_scale.clamp_(0, math.log(100))  # type: ignore[operator]
-            for key, value in losses.items():
-                first.setdefault(key, float(value.detach()))
-                recent.setdefault(key, []).append(float(value.detach()))
-                recent[key] = recent[key][-steps_per_epoch:]
-            progress.set_postfix(
-                epoch=epoch, **{k: f"{sum(v) / len(v):.3f}" for k, v in recent.items()}
-            )
+            tracked.add(losses)
+            progress.set_postfix(epoch=epoch, **{k: f"{v:.3f}" for k, v in tracked.means().items()})
             progress.update()
             step += 1
         if stopped_early:
@@ -373,7 +400,7 @@ def _train(config: TrainConfig) -> Path:
     seconds = time.monotonic() - start
 
     model.eval()
-    final = {k: sum(v) / len(v) for k, v in recent.items()}  # mean over the last epoch's steps
+    final = tracked.means()
     ckpt = encoder.to_checkpoint(
         rerank_cfg,
         info={
@@ -384,7 +411,7 @@ def _train(config: TrainConfig) -> Path:
             "stopped_early": stopped_early,
             "seconds": round(seconds, 1),
             "grounding": targets is not None,
-            "first_losses": first,
+            "first_losses": tracked.first,
             "final_losses": final,
             "rows": n,
             "torch": str(torch.__version__),
