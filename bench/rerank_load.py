@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import queries, seed_collection, start_xmodal
+from serve_load import queries, seed_collection, start_xmodal, summarise
 
 
 async def drive(
@@ -58,14 +58,7 @@ async def drive(
         began = time.monotonic()
         await asyncio.gather(*(one_client(w) for w in range(clients)))
         elapsed = time.monotonic() - began
-    lat = np.array(latencies) * 1000
-    return {
-        "qps": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-        "ok": len(latencies),
-        "errors": errors,
-    }
+    return summarise(latencies, errors, elapsed)
 
 
 def main() -> None:

@@ -170,6 +170,11 @@ async def drive(url: str, clients: int, seconds: float, texts: list[str]) -> dic
         began = time.monotonic()
         await asyncio.gather(*(one_client(w) for w in range(clients)))
         elapsed = time.monotonic() - began
+    return summarise(latencies, errors, elapsed)
+
+
+def summarise(latencies: list[float], errors: int, elapsed: float) -> dict[str, float]:
+    """QPS, p50/p99 in ms, ok and error counts of one measured round."""
     lat = np.array(latencies) * 1000
     return {
         "qps": len(latencies) / elapsed,

@@ -31,33 +31,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-WORDS = [
-    "a",
-    "photo",
-    "of",
-    "dog",
-    "cat",
-    "red",
-    "blue",
-    "car",
-    "beach",
-    "city",
-    "night",
-    "tree",
-    "mountain",
-    "person",
-    "boat",
-    "sky",
-]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import ROOT, WORDS, free_port
 
 
 def image_png(rng: random.Random) -> bytes:
