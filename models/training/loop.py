@@ -168,8 +168,9 @@ def _param_groups(
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            # open_clip's recipe: no decay on gains, biases, embeddings and the temperature.
-            if p.ndim < 2 or "embedding" in name or "logit_scale" in name or "token" in name:
+            # open_clip's recipe: no decay on gains, biases, embeddings (the decoder's patch
+            # position table is `image_pos_embed`) and the temperature.
+            if p.ndim < 2 or "embed" in name or "logit_scale" in name or "token" in name:
                 no_decay.append(p)
             else:
                 decay.append(p)
