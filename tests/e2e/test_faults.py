@@ -135,6 +135,43 @@ def test_read_only_data_dir_refuses_writes_and_says_so(tmp_path: Path) -> None:
         server.stop()
 
 
+def _mount(*args: str) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_read_only_mount_refuses_writes_and_says_so(tmp_path: Path) -> None:
+    """The data dir turns read-only under a running server (a volume remounted `ro`): this
+    holds for root too. A read-only bind mount over the data dir stands in for it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount")
+    data = tmp_path / "data"
+    server = ServerProcess(data).start()
+    mounted = False
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            files = {"files": ("a.png", image_bytes(1), "image/png")}
+            first = client.post("/v1/images", files=files)
+            assert first.status_code == 201, first.text
+            if not _mount("--bind", str(data), str(data)):
+                pytest.skip("bind mounts are not allowed here")
+            mounted = True
+            assert _mount("-o", "remount,bind,ro", str(data))
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "read-only" in ready.json()["detail"]
+            r = client.post("/v1/images", files={"files": ("b.png", image_bytes(2), "image/png")})
+            assert r.status_code == 507, r.text
+            assert r.json()["error"]["code"] == "storage_unavailable"
+            listed = client.get("/v1/images").json()
+            assert [item["id"] for item in listed["items"]] == [first.json()["items"][0]["id"]]
+            found = client.post("/v1/search/text", json={"query": "anything", "k": 1})
+            assert found.status_code == 200 and len(found.json()["results"]) == 1
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(data)], capture_output=True)
+        server.stop()
+
+
 @pytest.mark.slow
 def test_wal_torn_mid_frame_after_a_kill(tmp_path: Path) -> None:
     """The kill came while the WAL frames of a transaction were being written: start-up recovers
