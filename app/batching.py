@@ -51,6 +51,22 @@ class _Pending(Generic[In, Out]):
     enqueued: float
 
 
+async def wait_for_result(future: asyncio.Future[Out], name: str, timeout_s: float) -> Out:
+    """A queued item's result, or 503 `Overloaded` once it waited `timeout_s`. Either way an
+    abandoned item's future is cancelled, so whoever runs the batch skips it (a client that went
+    away cancels the wait)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+    except asyncio.TimeoutError:
+        future.cancel()
+        raise Overloaded(
+            f"the {name} request waited over {timeout_s:.0f}s; retry shortly", retry_after_s=2.0
+        ) from None
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+
+
 class DynamicBatcher(Generic[In, Out]):
     def __init__(
         self,
@@ -116,18 +132,7 @@ class DynamicBatcher(Generic[In, Out]):
                 retry_after_s=1.0,
             ) from None
         QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise Overloaded(
-                f"the {self.name} request waited over {self.request_timeout_s:.0f}s; retry shortly",
-                retry_after_s=2.0,
-            ) from None
-        except asyncio.CancelledError:
-            # The client went away: mark the item so the worker skips it.
-            future.cancel()
-            raise
+        return await wait_for_result(future, self.name, self.request_timeout_s)
 
     async def submit_many(self, items: Sequence[In]) -> list[Out]:
         """All or nothing: a request that does not fit the queue enqueues none of its items."""

@@ -171,6 +171,16 @@ def _stored(item_id: int, item: NewItem, created: float) -> StoredItem:
     )
 
 
+def _rows_in(
+    db: sqlite3.Connection, select: str, kind: str, values: list[Any]
+) -> Iterator[sqlite3.Row]:
+    """Rows of `select` (ending in `IN ({marks})`, its first parameter the kind) for `values`,
+    500 to a statement so the parameter count stays under SQLite's limit."""
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        yield from db.execute(select.format(marks=",".join("?" * len(chunk))), (kind, *chunk))
+
+
 class MetadataStore:
     """Thread-safe access to the SQLite file; one connection guarded by a lock."""
 
@@ -349,15 +359,10 @@ class MetadataStore:
         by_kind: dict[str, list[str]] = {}
         for item in items:
             by_kind.setdefault(item.kind, []).append(item.sha256)
+        select = f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND sha256 IN ({{marks}})"
         for kind, shas in by_kind.items():
-            for start in range(0, len(shas), 500):
-                chunk = shas[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
-                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND sha256 IN ({marks})",
-                    (kind, *chunk),
-                ):
-                    out[(kind, str(row["sha256"]))] = _row_to_item(row)
+            for row in _rows_in(self._db, select, kind, shas):
+                out[(kind, str(row["sha256"]))] = _row_to_item(row)
         return out
 
     def _last_id(self) -> int:
@@ -421,29 +426,18 @@ class MetadataStore:
         if not ids:
             return {}
         out: dict[int, StoredItem] = {}
-        db = self._reader()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE +kind = ? AND id IN ({marks})",
-                (kind, *chunk),
-            ):
-                out[int(row["id"])] = _row_to_item(row)
+        select = f"SELECT {_ITEM_COLUMNS} FROM items WHERE +kind = ? AND id IN ({{marks}})"
+        for row in _rows_in(self._reader(), select, kind, ids):
+            out[int(row["id"])] = _row_to_item(row)
         return out
 
     def known_shas(self, kind: Kind, shas: list[str]) -> set[str]:
         """Which of `shas` are stored: one indexed query per 500."""
         out: set[str] = set()
+        select = "SELECT sha256 FROM items WHERE kind = ? AND sha256 IN ({marks})"
         with self._lock:
-            for start in range(0, len(shas), 500):
-                chunk = shas[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
-                    f"SELECT sha256 FROM items WHERE kind = ? AND sha256 IN ({marks})",
-                    (kind, *chunk),
-                ):
-                    out.add(str(row["sha256"]))
+            for row in _rows_in(self._db, select, kind, shas):
+                out.add(str(row["sha256"]))
         return out
 
     def embedding(self, kind: Kind, item_id: int) -> np.ndarray | None:
@@ -532,15 +526,9 @@ class MetadataStore:
 
     def embeddings_for(self, kind: Kind, ids: list[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
-        db = self._reader()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in db.execute(
-                f"SELECT id, embedding FROM items WHERE +kind = ? AND id IN ({marks})",
-                (kind, *chunk),
-            ):
-                out[int(row["id"])] = np.frombuffer(row["embedding"], dtype=np.float32)
+        select = "SELECT id, embedding FROM items WHERE +kind = ? AND id IN ({marks})"
+        for row in _rows_in(self._reader(), select, kind, ids):
+            out[int(row["id"])] = np.frombuffer(row["embedding"], dtype=np.float32)
         return out
 
     @contextmanager

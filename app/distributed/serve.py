@@ -46,7 +46,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 
-from app.batching import DynamicBatcher
+from app.batching import DynamicBatcher, wait_for_result
 from app.config import Settings
 from app.errors import Overloaded, XmodalError
 from app.library import Library
@@ -239,18 +239,8 @@ class RemoteModelCall:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.batching.max_wait_s, self._flush)
-        try:
-            # The remote call has its own timeout; this one also covers the wait for a slot.
-            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise Overloaded(
-                f"the {self.name} request waited over {self.request_timeout_s:.0f}s; retry shortly",
-                retry_after_s=2.0,
-            ) from None
-        except asyncio.CancelledError:
-            future.cancel()  # the client went away: the batch skips the item
-            raise
+        # The remote call has its own timeout; this one also covers the wait for a slot.
+        return await wait_for_result(future, self.name, self.request_timeout_s)
 
     def _flush(self) -> None:
         if self._timer is not None:
