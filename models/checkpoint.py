@@ -25,15 +25,31 @@ class RerankConfig:
     cosine_weight x cosine + caption_weight x mean log p(text token | prefix, image), where for
     image queries (candidates are different texts) the caption term is, when
     `debias_image_to_text`, minus the text's own prior log p(text | empty image)
-    (VisualGPTScore). `xmodal eval --calibrate` fits these on a labelled CSV."""
+    (VisualGPTScore). Image queries have weights of their own when set: their candidates are
+    different texts, whose caption scores spread differently from one text's scores over
+    different images. `xmodal eval --calibrate` fits all of these on a labelled CSV."""
 
     cosine_weight: float = 10.0
     caption_weight: float = 1.0
     debias_image_to_text: bool = False
+    # None: image queries use cosine_weight / caption_weight.
+    image_query_cosine_weight: float | None = None
+    image_query_caption_weight: float | None = None
     # Token ids the decoder's softmax runs over; None: the tokenizer's whole vocabulary.
     # `xmodal train` from scratch restricts it to the training captions' tokens (a 49,408-way
     # softmax made a CPU training step about 2x slower, for words the data never uses).
     vocab: list[int] | None = None
+
+    def weights(self, *, text_query: bool) -> tuple[float, float]:
+        """(cosine weight, caption weight) for a query of that kind."""
+        if text_query:
+            return self.cosine_weight, self.caption_weight
+        cosine = self.image_query_cosine_weight
+        caption = self.image_query_caption_weight
+        return (
+            self.cosine_weight if cosine is None else cosine,
+            self.caption_weight if caption is None else caption,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

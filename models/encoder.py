@@ -218,9 +218,9 @@ class Encoder:
         *,
         text_query: bool | Sequence[bool],
     ) -> np.ndarray:
-        """Fused score for each (text row, image row) pair: cosine_weight x cosine +
-        caption_weight x log p(text | image) (minus the text prior for image queries when
-        the config says so). `text_query`: for all pairs, or per pair. Higher is better."""
+        """Fused score for each (text row, image row) pair: cosine weight x cosine +
+        caption weight x log p(text | image) (minus the text prior for image queries when
+        the config says so; the weights per query kind, `RerankConfig.weights`). `text_query`: for all pairs, or per pair. Higher is better."""
         if not pairs:
             return np.zeros((0,), dtype=np.float32)
         cfg = self.rerank_cfg
@@ -233,7 +233,8 @@ class Encoder:
             for i in debias:
                 gen[i] -= prior[pairs[i][0]]
         cos = self.pair_cosines(text, image, pairs)
-        return (cfg.cosine_weight * cos + cfg.caption_weight * gen).astype(np.float32)
+        weights = np.array([cfg.weights(text_query=f) for f in flags], dtype=np.float32)
+        return (weights[:, 0] * cos + weights[:, 1] * gen).astype(np.float32)
 
     def pair_cosines(
         self, text: TextOutput, image: ImageTokens, pairs: Sequence[tuple[int, int]]

@@ -9,8 +9,8 @@ pair over each kind of near twin (when the CSV has a `twin` column, as `xmodal s
 writes) for the cosine and the fused score, and the re-ranking latency.
 
 `calibrate` fits the fusion weights on a labelled CSV: a grid over cosine_weight with
-caption_weight 1 (and caption_weight 0, which is the dual encoder's order) for text-to-image,
-raw or debiased for image-to-text, each by Recall@1. Fit on a split other than the one you
+caption_weight 1 (and caption_weight 0, which is the dual encoder's order), for text queries
+and, with raw or debiased caption scores, separately for image queries, each by Recall@1. Fit on a split other than the one you
 report.
 
 Duplicates: the image gallery is the set of distinct image files and the text gallery the set
@@ -138,7 +138,8 @@ def fuse(scores: _PairScores, cfg: RerankConfig, *, text_query: bool) -> np.ndar
     gen = scores.caption
     if not text_query and cfg.debias_image_to_text and scores.prior is not None:
         gen = gen - scores.prior
-    return cfg.cosine_weight * scores.cosine + cfg.caption_weight * gen
+    cosine_weight, caption_weight = cfg.weights(text_query=text_query)
+    return cosine_weight * scores.cosine + caption_weight * gen
 
 
 def _candidate_pairs(ranking: np.ndarray, *, text_queries: bool) -> list[tuple[int, int]]:
@@ -279,7 +280,10 @@ def evaluate(
         cfg = _fit(cfg, t2i_recall, i2t_recall)
     result["text_to_image_rerank"] = t2i_recall(cfg)
     result["image_to_text_rerank"] = i2t_recall(cfg)
-    caption_only = replace(cfg, cosine_weight=0.0, caption_weight=1.0)
+    caption_only = replace(
+        cfg, cosine_weight=0.0, caption_weight=1.0,
+        image_query_cosine_weight=None, image_query_caption_weight=None,
+    )  # fmt: skip
     result["rerank_variants"] = {
         "text_to_image_caption_only": t2i_recall(caption_only),
         "image_to_text_raw": i2t_recall(replace(cfg, debias_image_to_text=False)),
@@ -298,24 +302,35 @@ def evaluate(
     return result
 
 
-_COSINE_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+# Cosine weights tried with caption weight 1: steps of about sqrt(2), from the caption score
+# alone to the cosine dominating.
+_COSINE_GRID = (
+    0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0,
+    64.0, 96.0, 128.0,
+)  # fmt: skip
 
 
 def _fit(cfg: RerankConfig, t2i_recall: Any, i2t_recall: Any) -> RerankConfig:
-    """Best Recall@1 (then R@5) over the grid; ties go to the smaller cosine weight. The
-    dual encoder's own order (caption_weight 0) is a candidate, so a fitted re-ranker never
-    measures below it on the calibration data."""
+    """Best Recall@1 (then R@5) over the grid, for each query kind on its own (image queries
+    also choose raw or debiased); ties go to the smaller cosine weight. The dual encoder's own
+    order (caption weight 0) is a candidate, so a fitted re-ranker never measures below it on
+    the calibration data."""
 
     def key(r: dict[str, float]) -> tuple[float, float]:
         return (r["R@1"], r["R@5"])
 
-    candidates = [replace(cfg, cosine_weight=w, caption_weight=1.0) for w in _COSINE_GRID]
-    candidates.append(replace(cfg, cosine_weight=1.0, caption_weight=0.0))
-    best = max(candidates, key=lambda c: key(t2i_recall(c)))  # max keeps the first best
-    debias = max(
-        (False, True), key=lambda d: key(i2t_recall(replace(best, debias_image_to_text=d)))
+    weights = [(w, 1.0) for w in _COSINE_GRID] + [(1.0, 0.0)]
+    cosine, caption = max(  # max keeps the first best
+        weights,
+        key=lambda w: key(t2i_recall(replace(cfg, cosine_weight=w[0], caption_weight=w[1]))),
     )
-    return replace(best, debias_image_to_text=debias)
+    fitted = replace(cfg, cosine_weight=cosine, caption_weight=caption)
+    image_query = [
+        replace(fitted, image_query_cosine_weight=w, image_query_caption_weight=c,
+                debias_image_to_text=d)
+        for d in (False, True) for w, c in weights
+    ]  # fmt: skip
+    return max(image_query, key=lambda c: key(i2t_recall(c)))
 
 
 def format_table(result: dict[str, Any]) -> str:

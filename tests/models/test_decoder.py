@@ -3,6 +3,7 @@ checkpoints are refused, and the open_clip 3.3 `text_projection` trap is handled
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from open_clip.transformer import MultimodalTransformer
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError, RerankConfig, load_checkpoint
 from models.decoder import CocaDecoder, caption_logprob, init_text_projection
 from models.encoder import Encoder
 from models.factory import register_builtin_configs
@@ -110,6 +111,30 @@ def test_scores_batch_exactly_and_prefer_the_decoders_own_caption(encoder: Encod
     np.testing.assert_allclose(
         fused, cfg.cosine_weight * cos + cfg.caption_weight * together, atol=1e-5
     )
+
+
+def test_image_queries_use_their_own_fusion_weights(encoder: Encoder) -> None:
+    images = encoder.image_tokens(torch.rand(2, 3, encoder.image_size, encoder.image_size))
+    texts = encoder.text_tokens(CAPTIONS)
+    pairs = [(t, i) for t in range(3) for i in range(2)]
+    flags = [t == 0 for t, _ in pairs]  # text 0's pairs are a text query, the rest image queries
+    gen = encoder.caption_logprobs(texts, images.tokens, pairs)
+    cos = encoder.pair_cosines(texts, images, pairs)
+    saved = encoder.rerank_cfg
+    encoder.rerank_cfg = replace(
+        saved, image_query_cosine_weight=3.0, image_query_caption_weight=0.5
+    )
+    try:
+        fused = encoder.rerank_scores(texts, images, pairs, text_query=flags)
+    finally:
+        encoder.rerank_cfg = saved
+    weights = np.array(
+        [(saved.cosine_weight, saved.caption_weight) if f else (3.0, 0.5) for f in flags]
+    )
+    np.testing.assert_allclose(fused, weights[:, 0] * cos + weights[:, 1] * gen, atol=1e-5)
+    # A checkpoint written before these fields existed reads as "same weights both ways".
+    old = RerankConfig.from_dict({"cosine_weight": 2.0, "caption_weight": 1.0})
+    assert old.weights(text_query=False) == old.weights(text_query=True) == (2.0, 1.0)
 
 
 def test_version_1_checkpoint_is_refused_with_the_fix(tmp_path: Path) -> None:

@@ -157,6 +157,9 @@ def test_rerank_reorders_when_the_decoder_says_so(tmp_path: Path) -> None:
     fitted = evaluate(csv_path, encoder, rerank_k=2, calibrate=True)  # type: ignore[arg-type]
     assert fitted["text_to_image_rerank"]["R@1"] == pytest.approx(2 / 3)
     assert fitted["rerank_config"]["caption_weight"] == 1.0
+    # Image queries get weights of their own, and never measure below the dual order here.
+    assert fitted["rerank_config"]["image_query_caption_weight"] in (0.0, 1.0)
+    assert fitted["image_to_text_rerank"]["R@1"] >= fitted["image_to_text"]["R@1"]
 
 
 def test_rerank_keeps_tail_and_ties() -> None:
