@@ -29,7 +29,8 @@ if args.model.startswith("xmodal-"):  # the project's own tiny config, for quick
 model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained)
 model = model.to(args.device).eval()
 tokenizer = open_clip.get_tokenizer(args.model)
-dim = model.text_projection.shape[1]
+with torch.no_grad():  # CoCa models keep the projection inside their text tower
+    dim = int(model.encode_text(tokenizer(["x"]).to(args.device)).shape[-1])
 vectors = np.random.default_rng(0).normal(size=(args.n, dim)).astype("float32")
 faiss.normalize_L2(vectors)
 index = faiss.IndexFlatIP(dim)
