@@ -130,8 +130,7 @@ async def test_identical_queries_in_flight_share_one_encode(
                 for q in ["one popular query"] * 3
             ]
             pending += [
-                asyncio.ensure_future(client.post("/v1/search/text", json=body))
-                for _ in range(8)
+                asyncio.ensure_future(client.post("/v1/search/text", json=body)) for _ in range(8)
             ]
             await asyncio.sleep(0.3)
             recorder.gate.set()
