@@ -76,6 +76,18 @@ class IndexSettings(BaseModel):
     save_every_s: float = Field(60.0, gt=0)
 
 
+class CacheSettings(BaseModel):
+    """In-memory caches on the query path. Env: XMODAL_CACHE__QUERY_VECTORS, ..."""
+
+    # Vectors of recent query texts (LRU, entries; 0 disables): a repeated query skips the
+    # text tower and the batcher's wait. An entry is the vector (2 KiB at 512-d) and its text.
+    query_vectors: int = Field(4096, ge=0, le=10_000_000)
+    # Result rows (LRU, items; 0 disables): the fields a hit's body shows, kept so that a
+    # search need not read SQLite for items returned recently. Measured 1.7 KiB per image with
+    # five metadata fields: 20,000 hold about 35 MiB. Deletes drop their row before answering.
+    result_rows: int = Field(20_000, ge=0, le=100_000_000)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="XMODAL_", env_nested_delimiter="__", extra="ignore"
@@ -101,6 +113,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
 
     @field_validator("api_key")
     @classmethod

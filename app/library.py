@@ -110,7 +110,9 @@ class Library:
         if lock:
             dir_lock.acquire()
         try:
-            store = MetadataStore(data_dir / "xmodal.sqlite3")
+            # the row cache only where every write passes through this process (it holds the lock)
+            rows = settings.cache.result_rows if lock else 0
+            store = MetadataStore(data_dir / "xmodal.sqlite3", row_cache_items=rows)
             media = MediaStore(data_dir)
             if lock:
                 # Only the process that owns the data dir may sweep another's uploads.

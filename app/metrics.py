@@ -19,3 +19,10 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("xmodal_queue_depth", "Requests waiting in a batcher queue.", ["batcher"])
 INDEX_SIZE = Gauge("xmodal_index_vectors", "Vectors searchable in each index.", ["index"])
 ITEMS_ADDED = Counter("xmodal_items_added_total", "Items stored, by kind.", ["kind"])
+QUERY_CACHE_SIZE = Gauge("xmodal_query_cache_entries", "Query-text vectors held in the cache.")
+QUERY_CACHE_HITS = Counter(
+    "xmodal_query_cache_hits_total", "Query texts answered from the vector cache."
+)
+QUERY_CACHE_MISSES = Counter(
+    "xmodal_query_cache_misses_total", "Query texts the cache did not hold (encoded)."
+)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -25,7 +25,9 @@ from app.config import Settings
 from app.errors import NotReady
 from app.library import Library, with_remembered_model
 from app.metrics import INDEX_SIZE
+from app.query_cache import QueryCache
 from app.services import forward_passes
+from app.services.query_vectors import QueryEncoder
 from index.vectors import set_search_threads
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
@@ -48,12 +50,24 @@ def encoder_spec(settings: Settings) -> EncoderSpec:
 @dataclass(frozen=True)
 class Backend:
     """What a request needs once the service is ready: the open library and one batcher per
-    model call. `reranker` is None when the loaded model has no re-ranker."""
+    model call. `reranker` is None when the loaded model has no re-ranker. `queries` puts the
+    query cache in front of `text_encoder`; stored texts go to the batcher itself, so an
+    upload of many texts does not push the recent queries out of the cache."""
 
     library: Library
     text_encoder: Batcher[str, np.ndarray]
     image_encoder: Batcher[torch.Tensor, np.ndarray]
     reranker: Batcher[forward_passes.RerankJob, np.ndarray] | None
+    queries: QueryEncoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        encoder = self.library.encoder
+        # one cache per backend, and the model in every key besides: the same weights at
+        # another precision give other vectors
+        model = f"{encoder.fingerprint}/{encoder.precision}"
+        cache = QueryCache(self.library.settings.cache.query_vectors)
+        # frozen: built once here, from the fields above
+        object.__setattr__(self, "queries", QueryEncoder(self.text_encoder, cache, model))
 
     @property
     def settings(self) -> Settings:

@@ -152,7 +152,7 @@ async def search_by_text(
     _check_k(library, k, rerank, rerank_k)
     _check_filter(filter_)
     reranker = _reranker(backend) if rerank else None
-    vector = await backend.text_encoder.submit(query)
+    vector = await backend.queries.encode(query)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
     found = await to_thread.run_sync(_search, library, library.images, vector, depth, filter_)
     hits = [Hit(item, score) for item, score in found]
@@ -252,7 +252,7 @@ async def embed_texts(backend: Backend, texts: list[str]) -> list[np.ndarray]:
     if len(texts) > limits.max_texts_per_request:
         raise InvalidField(f"texts: at most {limits.max_texts_per_request} texts per request")
     cleaned = [checked_text(t, limits.max_query_chars, f"texts[{i}]") for i, t in enumerate(texts)]
-    return await backend.text_encoder.submit_many(cleaned)
+    return await backend.queries.encode_many(cleaned)
 
 
 async def embed_images(backend: Backend, sources: list[UploadSource]) -> list[np.ndarray]:
@@ -277,7 +277,8 @@ async def classify(
     vectors = await embed_images(backend, [source])
     # replace, not str.format: any other braces in the template are text, not a format error
     prompts = [template.replace("{}", label) for label in labels]
-    label_vectors = await backend.text_encoder.submit_many(prompts)
+    # the same labels come back request after request: their prompts are queries too
+    label_vectors = await backend.queries.encode_many(prompts)
     logits = np.stack(label_vectors) @ vectors[0]
     model: Any = backend.encoder.model
     scale = float(model.logit_scale.exp().item())
