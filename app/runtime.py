@@ -112,6 +112,7 @@ class Runtime:
         self.startup_error: str | None = None
         self._loader: asyncio.Task[None] | None = None
         self._saver: asyncio.Task[None] | None = None
+        self._warmer: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -136,10 +137,21 @@ class Runtime:
                 # Model options left unset: the model the data dir was embedded with.
                 self.settings = with_remembered_model(self.settings)
                 encoder = await to_thread.run_sync(load_encoder, encoder_spec(self.settings))
-            library = await to_thread.run_sync(Library.open, self.settings, encoder)
+            # The data dir (SQLite, FAISS files: ~1 s at 1M items) opens while the model warms
+            # up: neither needs the other, and both mostly run outside the GIL.
+            opening = asyncio.ensure_future(
+                to_thread.run_sync(Library.open, self.settings, encoder)
+            )
+            try:
+                if self._backend_factory is None:
+                    await to_thread.run_sync(self._warm_up, encoder)
+            finally:
+                library = await opening
             if self._backend_factory is None:
-                await to_thread.run_sync(self._warm_up, encoder)
                 backend = self._start_backend(library)
+                self._warmer = asyncio.get_running_loop().create_task(
+                    self._warm_up_batchers(backend)
+                )
             else:  # the forward passes run elsewhere, warmed up there
                 backend = await self._backend_factory(library)
                 for batcher in (backend.text_encoder, backend.image_encoder, backend.reranker):
@@ -186,15 +198,31 @@ class Runtime:
                 batcher.start()
         return backend
 
-    def _warm_up(self, encoder: Encoder) -> None:
-        size = self.settings.batch.max_batch_size
+    @staticmethod
+    def _warm_up(encoder: Encoder) -> None:
+        """Before ready: one text and one image, the shapes of the first searches and uploads
+        (first calls allocate and pick kernels). A full batch here cost ~6 s of start-up."""
         started = time.perf_counter()
-        encoder.encode_texts(["a photo of a dog"] * size)
-        text_s = time.perf_counter() - started
-        pixels = torch.zeros(3, encoder.image_size, encoder.image_size)
-        started = time.perf_counter()
-        encoder.encode_images([pixels] * size)
-        image_s = time.perf_counter() - started
+        encoder.encode_texts(["a photo of a dog"])
+        encoder.encode_images([torch.zeros(3, encoder.image_size, encoder.image_size)])
+        log.info("warm-up at batch 1 in %.2fs", time.perf_counter() - started)
+
+    async def _warm_up_batchers(self, backend: Backend) -> None:
+        """After ready: a full batch through the batchers, so it takes turns with requests
+        (one worker per model call, never two forward passes on the same batcher at once),
+        and the throughput is logged. A request meanwhile waits at most this one batch."""
+        size = min(self.settings.batch.max_batch_size, max(1, self.settings.batch.max_queue // 2))
+        pixels = torch.zeros(3, backend.encoder.image_size, backend.encoder.image_size)
+        try:
+            started = time.perf_counter()
+            await backend.text_encoder.submit_many(["a photo of a dog"] * size)
+            text_s = time.perf_counter() - started
+            started = time.perf_counter()
+            await backend.image_encoder.submit_many([pixels] * size)
+            image_s = time.perf_counter() - started
+        except Exception as exc:  # busy already, or stopping: the warm-up is only a nicety
+            log.info("warm-up at batch %d skipped: %s", size, exc)
+            return
         log.info(
             "warm-up at batch %d: %.0f texts/s, %.0f images/s",
             size, size / max(text_s, 1e-9), size / max(image_s, 1e-9),
@@ -212,7 +240,7 @@ class Runtime:
 
     async def stop(self) -> None:
         backend, self.backend = self.backend, None
-        for task in (self._saver, self._loader):
+        for task in (self._warmer, self._saver, self._loader):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

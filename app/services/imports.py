@@ -9,9 +9,16 @@ Accepted inputs, each a PATH argument:
     become the item's metadata, `image_path` as above (and as the key when there is no `key`).
 
 Everything is read and checked once before the first row is written (columns, dimension,
-finite values, JSON, readable files), so bad input stops the run with nothing imported. Rows
-are then committed in large transactions by `commit_images` / `commit_texts`, and the FAISS
-index is caught up (or rebuilt, for a large import) once at the end.
+finite values, JSON, readable files), so bad input stops the run with nothing imported. The
+check pass also notes which rows' JSON text is already in the stored form (compact), so the
+commit pass stores those without parsing them again. Rows are then committed a chunk to a
+transaction (`commit_embeddings`, `commit_images` for rows with their file), the next chunk
+read and prepared on a second thread meanwhile, and the FAISS index is caught up (or rebuilt,
+for a large import) once at the end.
+
+Durability: the commits run with synchronous=NORMAL (a crash of the process loses none of
+them) and are fsynced together before `import_paths` returns; the command reports rows as
+imported only after that. An interrupted import keeps its committed chunks; a rerun skips them.
 
 A row's identity: its content hash when its image file is stored, its text's hash for a text
 (as with uploads), else the hash of its `key`, else of its vector. A rerun therefore skips the
@@ -26,6 +33,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +44,14 @@ from app.errors import InvalidField
 from app.library import Library
 from app.services.items import (
     ImageToStore,
-    check_metadata,
     checked_text,
+    commit_embeddings,
     commit_images,
-    commit_texts,
+    encode_metadata,
     text_sha256,
 )
 from index.media import file_sha256
-from index.store import NewItem
+from index.store import Kind
 from models.inputs.decode import ImageError, decode_image, make_thumbnail
 
 log = logging.getLogger(__name__)
@@ -65,7 +73,9 @@ class Chunk:
     first_row: int
     embeddings: np.ndarray
     keys: list[str | None]
-    metadata: list[dict[str, Any]]
+    # JSON text as read (a string column: parsed only by the check pass) or a dict (a struct
+    # column, clip-retrieval's columns); None or "" for none
+    metadata: list[str | dict[str, Any] | None]
     image_paths: list[str | None]
     texts: list[str | None]
 
@@ -182,34 +192,20 @@ def _strings(table: Any, name: str, label: str) -> list[str | None]:
     return list(column.to_pylist())
 
 
-def _metadata_column(table: Any, label: str, first_row: int) -> list[dict[str, Any]]:
+def _metadata_column(table: Any, label: str) -> list[str | dict[str, Any] | None]:
     pa, _ = _pa()
     if "metadata" not in table.column_names:
-        return [{} for _ in range(table.num_rows)]
+        return [None] * table.num_rows
     column = table.column("metadata")
-    out: list[dict[str, Any]] = []
-    if pa.types.is_struct(column.type):
-        for value in column.to_pylist():
-            out.append(value or {})
-        return out
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not (
+        pa.types.is_struct(column.type)
+        or pa.types.is_string(column.type)
+        or pa.types.is_large_string(column.type)
+    ):
         raise ImportInputError(
             f"{label}: column metadata must be a JSON string or a struct, not {column.type}"
         )
-    for i, raw in enumerate(column.to_pylist()):
-        if raw is None or raw == "":
-            out.append({})
-            continue
-        try:
-            value = json.loads(raw)
-        except ValueError as exc:
-            raise ImportInputError(
-                f"{label}: row {first_row + i}: metadata is not valid JSON ({exc})"
-            ) from None
-        if not isinstance(value, dict):
-            raise ImportInputError(f"{label}: row {first_row + i}: metadata must be a JSON object")
-        out.append(value)
-    return out
+    return list(column.to_pylist())
 
 
 def _plain_value(value: Any) -> Any:
@@ -258,7 +254,7 @@ def _chunks(source: _Source, batch_rows: int) -> Iterator[Chunk]:
                 embeddings = np.asarray(vectors[row : row + n], dtype=np.float32)
                 meta_names = [c for c in table.column_names if c not in ("image_path", "key")]
                 columns = {c: table.column(c).to_pylist() for c in meta_names}
-                metadata = [
+                metadata: list[str | dict[str, Any] | None] = [
                     {
                         c: _plain_value(columns[c][i])
                         for c in meta_names
@@ -274,7 +270,7 @@ def _chunks(source: _Source, batch_rows: int) -> Iterator[Chunk]:
                 embeddings = _embeddings_from_arrow(
                     table.column("embedding").combine_chunks(), label, row
                 )
-                metadata = _metadata_column(table, label, row)
+                metadata = _metadata_column(table, label)
                 image_paths = _strings(table, "image_path", label)
                 keys = _strings(table, "key", label)
                 texts = _strings(table, "text", label)
@@ -286,7 +282,23 @@ def _chunks(source: _Source, batch_rows: int) -> Iterator[Chunk]:
         raise ImportInputError(f"{label}: unreadable after row {row} ({exc})") from None
 
 
-def _check(chunk: Chunk, dim: int, max_metadata_bytes: int, max_text_chars: int) -> None:
+def _stored_metadata(raw: str | dict[str, Any] | None, max_bytes: int) -> str:
+    """One row's metadata as it is stored (compact JSON text), or ImportInputError."""
+    if raw is None or raw == "":
+        return "{}"
+    value: Any = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise ImportInputError(f"metadata is not valid JSON ({exc})") from None
+    return encode_metadata(value, max_bytes)
+
+
+def _check(chunk: Chunk, dim: int, max_metadata_bytes: int, max_text_chars: int) -> np.ndarray:
+    """Refuse the chunk's first bad row. Returns, per row, whether its metadata must be
+    encoded again to be stored: False where the JSON text read is already the stored form,
+    which the commit pass then stores without parsing it a second time."""
     emb = chunk.embeddings
     if emb.shape[1] != dim:
         raise ImportInputError(
@@ -301,9 +313,10 @@ def _check(chunk: Chunk, dim: int, max_metadata_bytes: int, max_text_chars: int)
     if zero.any():
         row = chunk.first_row + int(np.flatnonzero(zero)[0])
         raise ImportInputError(f"{chunk.label}: row {row}: embedding is all zeros")
-    for i, meta in enumerate(chunk.metadata):
+    reencode: list[bool] = []
+    for i, raw in enumerate(chunk.metadata):
         try:
-            check_metadata(meta, max_metadata_bytes)
+            reencode.append(_stored_metadata(raw, max_metadata_bytes) != raw)
         except InvalidField as exc:
             raise ImportInputError(f"{chunk.label}: row {chunk.first_row + i}: {exc}") from None
     for i, text in enumerate(chunk.texts):
@@ -312,6 +325,14 @@ def _check(chunk: Chunk, dim: int, max_metadata_bytes: int, max_text_chars: int)
                 checked_text(text, max_text_chars)
             except InvalidField as exc:
                 raise ImportInputError(f"{chunk.label}: row {chunk.first_row + i}: {exc}") from None
+    return np.array(reencode, dtype=bool)
+
+
+def _metadata_texts(chunk: Chunk, reencode: np.ndarray, max_bytes: int) -> list[str]:
+    return [
+        raw if isinstance(raw, str) and not again else _stored_metadata(raw, max_bytes)
+        for raw, again in zip(chunk.metadata, reencode.tolist(), strict=True)
+    ]
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -348,57 +369,93 @@ def _image_row(
     )
 
 
-def _commit_chunk(library: Library, chunk: Chunk, report: ImportReport) -> None:
+@dataclass
+class _Rows:
+    """One kind's rows of a chunk, ready for `commit_embeddings`."""
+
+    shas: list[str] = field(default_factory=list)
+    metadata: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # into the chunk's vectors
+    texts: list[str | None] | None = None
+
+
+@dataclass
+class _Prepared:
+    """A chunk turned into what the store takes; built on the reading thread."""
+
+    rows: int
+    vectors: np.ndarray  # normalised
+    images: list[ImageToStore]  # rows whose image file is here: stored with the file
+    plain: _Rows  # rows stored without a file, by key (or vector)
+    texts: _Rows
+    failed: list[tuple[str, str]]
+
+
+def _prepare(library: Library, chunk: Chunk, reencode: np.ndarray) -> _Prepared:
+    limits = library.settings.limits
     vectors = chunk.embeddings / np.linalg.norm(chunk.embeddings, axis=1, keepdims=True)
     vectors = vectors.astype(np.float32)
-    images: list[ImageToStore] = []
-    texts: list[NewItem] = []
-    for i in range(len(vectors)):
-        meta = chunk.metadata[i]
-        text = chunk.texts[i]
+    metadata = _metadata_texts(chunk, reencode, limits.max_metadata_bytes)
+    out = _Prepared(len(vectors), vectors, [], _Rows(), _Rows(texts=[]), [])
+    for i, (text, image_path, key) in enumerate(
+        zip(chunk.texts, chunk.image_paths, chunk.keys, strict=True)
+    ):
         if text is not None:
-            text = checked_text(text, library.settings.limits.max_query_chars)
-            texts.append(NewItem("text", text_sha256(text), vectors[i], meta, text=text))
+            text = checked_text(text, limits.max_query_chars)
+            out.texts.shas.append(text_sha256(text))
+            out.texts.metadata.append(metadata[i])
+            out.texts.rows.append(i)
+            out.texts.texts.append(text)  # type: ignore[union-attr]
             continue
-        image_path = chunk.image_paths[i]
         if image_path is not None and Path(image_path).is_file():
+            meta = json.loads(metadata[i])
             image, error = _image_row(library, Path(image_path), meta, vectors[i])
             if image is not None:
-                images.append(image)
+                out.images.append(image)
                 continue
-            report.failed.append((image_path, error or "unreadable"))
-        key = chunk.keys[i]
-        identity = (
+            out.failed.append((image_path, error or "unreadable"))
+        out.plain.shas.append(
             _identity(b"xmodal-import-key\0", key.encode("utf-8"))
             if key is not None
             else _identity(b"xmodal-import-vector\0", vectors[i].tobytes())
         )
-        report.without_file += 1
-        images.append(
-            ImageToStore(
-                source=None,
-                sha256=identity,
-                thumbnail=None,
-                mime=None,
-                width=None,
-                height=None,
-                size=None,
-                filename=None,
-                metadata=meta,
-                vector=vectors[i],
-            )
-        )
-    if images:
-        results = commit_images(library, images, move=False, catch_up=False)
+        out.plain.metadata.append(metadata[i])
+        out.plain.rows.append(i)
+    return out
+
+
+def _commit(library: Library, chunk: _Prepared, report: ImportReport) -> None:
+    report.failed += chunk.failed
+    report.without_file += len(chunk.plain.rows)
+    if chunk.images:
+        results = commit_images(library, chunk.images, move=False, catch_up=False)
         new = sum(1 for _, created in results if created)
         report.added += new
         report.skipped_known += len(results) - new
-    if texts:
-        results = commit_texts(library, texts, catch_up=False)
-        new = sum(1 for _, created in results if created)
-        report.texts_added += new
-        report.skipped_known += len(results) - new
-    report.rows += len(vectors)
+    parts: tuple[tuple[Kind, _Rows], ...] = (("image", chunk.plain), ("text", chunk.texts))
+    for kind, part in parts:
+        if part.rows:
+            created = commit_embeddings(
+                library, kind, part.shas, part.metadata, chunk.vectors[part.rows], part.texts
+            )
+            new = int(created.sum())
+            if kind == "image":
+                report.added += new
+            else:
+                report.texts_added += new
+            report.skipped_known += len(part.rows) - new
+    report.rows += chunk.rows
+
+
+def _one_ahead(items: Iterator[_Prepared]) -> Iterator[_Prepared]:
+    """`items`, each produced on a worker thread while the caller handles the one before: the
+    next chunk is read and prepared (Python, holding the GIL) while SQLite writes this one
+    (which releases the GIL), so the two use both cores. One thread, one item at a time."""
+    with ThreadPoolExecutor(1, thread_name_prefix="import-read") as pool:
+        future = pool.submit(next, items, None)
+        while (item := future.result()) is not None:
+            future = pool.submit(next, items, None)
+            yield item
 
 
 def _catch_up_indexes(library: Library, report: ImportReport) -> None:
@@ -421,20 +478,35 @@ def import_paths(
     total = sum(_open_parquet(s.parquet).metadata.num_rows for s in sources)
     limits = library.settings.limits
     started = time.monotonic()
+    # per chunk, in reading order: which rows' metadata the commit pass must encode again
+    reencode: list[np.ndarray] = []
     with tqdm(total=total, unit="row", desc="checking", disable=not progress) as bar:
         for source in sources:
             for chunk in _chunks(source, batch_rows):
-                _check(
-                    chunk, library.encoder.dim, limits.max_metadata_bytes, limits.max_query_chars
+                reencode.append(
+                    _check(
+                        chunk,
+                        library.encoder.dim,
+                        limits.max_metadata_bytes,
+                        limits.max_query_chars,
+                    )
                 )
                 bar.update(len(chunk.keys))
     report.check_s = time.monotonic() - started
     started = time.monotonic()
-    with tqdm(total=total, unit="row", desc="importing", disable=not progress) as bar:
-        for source in sources:
-            for chunk in _chunks(source, batch_rows):
-                _commit_chunk(library, chunk, report)
-                bar.update(len(chunk.keys))
+    masks = iter(reencode)
+    prepared = (
+        _prepare(library, chunk, next(masks))
+        for source in sources
+        for chunk in _chunks(source, batch_rows)
+    )
+    with (
+        tqdm(total=total, unit="row", desc="importing", disable=not progress) as bar,
+        library.store.bulk_writes(),
+    ):
+        for ready in _one_ahead(prepared):
+            _commit(library, ready, report)
+            bar.update(ready.rows)
     report.import_s = time.monotonic() - started
     _catch_up_indexes(library, report)
     return report

@@ -148,15 +148,27 @@ def parse_metadata(raw: str | None, max_bytes: int) -> dict[str, Any]:
 
 
 def check_metadata(value: Any, max_bytes: int) -> dict[str, Any]:
+    encode_metadata(value, max_bytes)
+    return value  # encode_metadata refuses all but a dict
+
+
+# Compact, non-ASCII kept as is: the form `xmodal import` stores (and the size that is limited).
+_COMPACT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def encode_metadata(value: Any, max_bytes: int) -> str:
+    """Metadata as stored: compact JSON text, checked (an object, no NaN, valid Unicode, at
+    most `max_bytes` bytes)."""
     if not isinstance(value, dict):
         raise InvalidField("metadata must be a JSON object")
     try:
-        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except (ValueError, UnicodeEncodeError) as exc:
+        text = _COMPACT.encode(value)
+        size = len(text.encode("utf-8"))
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:  # TypeError: a date, bytes...
         raise InvalidField(f"metadata cannot be stored: {exc}") from None
-    if len(encoded) > max_bytes:
+    if size > max_bytes:
         raise TooLarge(f"metadata is larger than {max_bytes} bytes")
-    return value
+    return text
 
 
 @dataclass
@@ -257,6 +269,25 @@ def commit_texts(
     if catch_up:
         library.texts.catch_up()
     return results
+
+
+def commit_embeddings(
+    library: Library,
+    kind: Kind,
+    shas: list[str],
+    metadata_json: list[str],
+    vectors: np.ndarray,
+    texts: list[str | None] | None = None,
+) -> np.ndarray:
+    """Rows without files (`xmodal import`), in one transaction: (sha256, metadata as checked
+    JSON text, normalised vector, text) per row. Returns which rows were created; the index
+    is left to the caller, which catches it up (or rebuilds it) once at the end."""
+    with library.write_lock:
+        _check_writable(library)
+        try:
+            return library.store.add_embeddings(kind, shas, metadata_json, vectors, texts)
+        except (OSError, sqlite3.Error) as exc:
+            raise storage_error(exc) from exc
 
 
 async def add_images(

@@ -177,3 +177,25 @@ def test_bad_input_is_refused_before_anything_is_stored(
     np.save(misaligned / "img_emb" / "img_emb_0.npy", _vectors(4))
     _write(misaligned / "metadata" / "metadata_0.parquet", {"image_path": ["a", "b", "c"]})
     assert "not aligned" in _bad(tmp_path, capsys, good, misaligned)
+
+
+def test_metadata_is_stored_compact_whatever_its_spacing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The commit pass stores compact text unparsed and encodes the rest again: both must give
+    # the same stored form, and a NaN literal (which Python's json accepts) is refused.
+    raw = ['{"a":1,"b":"é"}', '{ "a" : 2, "b": "\\u00e9" }', None]
+    path = _write(tmp_path / "m.parquet", {"embedding": _vectors(3).tolist(), "metadata": raw})
+    data = tmp_path / "data"
+    assert _import(data, path) == 0
+    store = MetadataStore(data / "xmodal.sqlite3")
+    try:
+        stored = [r[0] for r in store._db.execute("SELECT metadata FROM items ORDER BY id")]
+        assert stored == ['{"a":1,"b":"é"}', '{"a":2,"b":"é"}', "{}"]
+        assert len(store.filter_ids("image", {"b": "é"})) == 2
+    finally:
+        store.close()
+    nan = _write(
+        tmp_path / "nan.parquet", {"embedding": _vectors(1).tolist(), "metadata": ['{"x": NaN}']}
+    )
+    assert "row 0: metadata cannot be stored" in _bad(tmp_path / "other", capsys, nan)
