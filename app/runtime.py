@@ -129,6 +129,13 @@ class Runtime:
         if self._loader is not None:
             await asyncio.shield(self._loader)
 
+    async def wait_warmed_up(self) -> None:
+        """Until the full-size warm-up that follows readiness is through the batchers (for
+        callers that count the batchers' work)."""
+        await self.wait_ready()
+        if self._warmer is not None:
+            await asyncio.shield(self._warmer)
+
     async def _load(self, encoder: Encoder | None) -> None:
         library: Library | None = None
         try:

@@ -67,6 +67,7 @@ async def test_a_repeated_query_skips_the_model(encoder: Encoder, tmp_path: Path
         client = await _client(app)
         async with client:
             await _upload(client, 3)
+            await app.state.runtime.wait_warmed_up()  # its batch would count as encodes
             seen = Recorder(app.state.runtime.backend.text_encoder).seen
             before = (await client.get("/metrics")).text
             body = {"query": "a red kite", "k": 3}
@@ -92,6 +93,7 @@ async def test_size_zero_disables_the_cache(encoder: Encoder, tmp_path: Path) ->
     async with app.router.lifespan_context(app):
         client = await _client(app)
         async with client:
+            await app.state.runtime.wait_warmed_up()  # its batch would count as encodes
             seen = Recorder(app.state.runtime.backend.text_encoder).seen
             for _ in range(2):
                 r = await client.post("/v1/embed/text", json={"texts": ["a red kite"]})
@@ -104,6 +106,7 @@ async def test_the_least_recently_used_entry_goes_first(encoder: Encoder, tmp_pa
     async with app.router.lifespan_context(app):
         client = await _client(app)
         async with client:
+            await app.state.runtime.wait_warmed_up()  # its batch would count as encodes
             seen = Recorder(app.state.runtime.backend.text_encoder).seen
             for text in ["a", "b", "a", "c", "a", "b"]:  # "c" evicts "b", the older one
                 r = await client.post("/v1/embed/text", json={"texts": [text]})
@@ -121,6 +124,7 @@ async def test_identical_queries_in_flight_share_one_encode(
         client = await _client(app)
         async with client:
             await _upload(client, 2)
+            await app.state.runtime.wait_warmed_up()
             recorder = Recorder(app.state.runtime.backend.text_encoder)
             recorder.gate.clear()  # every request arrives while the first encode is held
             body = {"query": "one popular query", "k": 2}
@@ -146,7 +150,7 @@ async def test_waiters_encode_again_when_the_first_client_goes(
 ) -> None:
     app = create_app(make_settings(tmp_path / "d"), encoder=encoder)
     async with app.router.lifespan_context(app):
-        await app.state.runtime.wait_ready()
+        await app.state.runtime.wait_warmed_up()
         queries: QueryEncoder = app.state.runtime.backend.queries
         recorder = Recorder(app.state.runtime.backend.text_encoder)
         recorder.gate.clear()
@@ -169,7 +173,7 @@ async def test_waiters_encode_again_when_the_first_client_goes(
 async def test_cached_vectors_cannot_be_written(encoder: Encoder, tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path / "d"), encoder=encoder)
     async with app.router.lifespan_context(app):
-        await app.state.runtime.wait_ready()
+        await app.state.runtime.wait_warmed_up()
         queries: QueryEncoder = app.state.runtime.backend.queries
         first = await queries.encode("a red kite")
         with pytest.raises(ValueError, match="read-only"):

@@ -175,7 +175,7 @@ def test_lookups_by_id_use_the_primary_key(tmp_path: Path) -> None:
         assert "PRIMARY KEY" in plan, plan
     import inspect
 
-    source = inspect.getsource(MetadataStore.get_many) + inspect.getsource(
+    source = inspect.getsource(MetadataStore._read_many) + inspect.getsource(
         MetadataStore.embeddings_for
     )
     assert source.count("+kind = ? AND id IN") == 2
