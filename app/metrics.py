@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 REQUEST_LATENCY = Histogram(
     "xmodal_request_seconds",
@@ -26,3 +29,30 @@ QUERY_CACHE_HITS = Counter(
 QUERY_CACHE_MISSES = Counter(
     "xmodal_query_cache_misses_total", "Query texts the cache did not hold (encoded)."
 )
+
+
+class RowCacheMetrics:
+    """The store's result-row cache, read when /metrics is scraped (the store, in index/,
+    keeps plain counters and knows nothing of Prometheus). `source` returns (entries, hits,
+    misses); None until a data dir is open."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[int, int, int]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        entries, hits, misses = self.source()
+        yield GaugeMetricFamily(
+            "xmodal_row_cache_entries", "Result rows held in memory.", value=entries
+        )
+        yield CounterMetricFamily(
+            "xmodal_row_cache_hits", "Result rows served from memory.", value=hits
+        )
+        yield CounterMetricFamily(
+            "xmodal_row_cache_misses", "Result rows read from SQLite.", value=misses
+        )
+
+
+ROW_CACHE = RowCacheMetrics()
+REGISTRY.register(ROW_CACHE)  # type: ignore[arg-type]

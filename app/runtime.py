@@ -24,7 +24,7 @@ from app.batching import Batcher, DynamicBatcher
 from app.config import Settings
 from app.errors import NotReady
 from app.library import Library, with_remembered_model
-from app.metrics import INDEX_SIZE
+from app.metrics import INDEX_SIZE, ROW_CACHE
 from app.query_cache import QueryCache
 from app.services import forward_passes
 from app.services.query_vectors import QueryEncoder
@@ -154,6 +154,8 @@ class Runtime:
                     await to_thread.run_sync(self._warm_up, encoder)
             finally:
                 library = await opening
+            rows = library.store.rows
+            ROW_CACHE.source = lambda: (len(rows), rows.hits, rows.misses)
             if self._backend_factory is None:
                 backend = self._start_backend(library)
                 self._warmer = asyncio.get_running_loop().create_task(
@@ -247,6 +249,7 @@ class Runtime:
 
     async def stop(self) -> None:
         backend, self.backend = self.backend, None
+        ROW_CACHE.source = None
         for task in (self._warmer, self._saver, self._loader):
             if task is not None and not task.done():
                 task.cancel()

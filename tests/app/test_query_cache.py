@@ -86,6 +86,11 @@ async def test_a_repeated_query_skips_the_model(encoder: Encoder, tmp_path: Path
     assert _metric(after, hits) - _metric(before, hits) == 2
     assert _metric(after, misses) - _metric(before, misses) == 1
     assert _metric(after, "xmodal_query_cache_entries") >= 1
+    # The two searches read the same hits: SQLite for the first, memory for the second.
+    assert _metric(after, "xmodal_row_cache_hits_total") - _metric(
+        before, "xmodal_row_cache_hits_total"
+    ) == len(first.json()["results"])
+    assert _metric(after, "xmodal_row_cache_entries") >= len(first.json()["results"])
 
 
 async def test_size_zero_disables_the_cache(encoder: Encoder, tmp_path: Path) -> None:
