@@ -55,4 +55,4 @@ class RowCacheMetrics:
 
 
 ROW_CACHE = RowCacheMetrics()
-REGISTRY.register(ROW_CACHE)  # type: ignore[arg-type]
+REGISTRY.register(ROW_CACHE)
