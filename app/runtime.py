@@ -42,6 +42,7 @@ def encoder_spec(settings: Settings) -> EncoderSpec:
         device=m.device,
         precision=m.precision,
         cache_dir=m.cache_dir,
+        text_compile=m.text_compile,
     )
 
 
@@ -174,6 +175,11 @@ class Runtime:
 
     def _warm_up(self, encoder: Encoder) -> None:
         size = self.settings.batch.max_batch_size
+        started = time.perf_counter()
+        encoder.warm_up_texts(size)  # compiles, when model.text_compile is on
+        compile_s = time.perf_counter() - started
+        if compile_s > 1:
+            log.info("text tower compiled in %.0f s", compile_s)
         started = time.perf_counter()
         encoder.encode_texts(["a photo of a dog"] * size)
         text_s = time.perf_counter() - started
