@@ -24,6 +24,10 @@ class ModelSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "bf16-text", "fp16"] = "auto"
     # Where open_clip / Hugging Face keep downloaded weights.
     cache_dir: Path | None = None
+    # torch.compile the text tower's blocks (CPU inductor; query lengths padded to 8/16/32/77
+    # tokens). Off: the warm-up then compiles two graphs (about a minute on 2 cores), and
+    # bench/text_tower.py found them slower than the eager fused blocks from batch 8 on.
+    text_compile: bool = False
 
 
 class BatchSettings(BaseModel):

@@ -44,6 +44,7 @@ def encoder_spec(settings: Settings) -> EncoderSpec:
         device=m.device,
         precision=m.precision,
         cache_dir=m.cache_dir,
+        text_compile=m.text_compile,
     )
 
 
@@ -207,10 +208,16 @@ class Runtime:
                 batcher.start()
         return backend
 
-    @staticmethod
-    def _warm_up(encoder: Encoder) -> None:
+    def _warm_up(self, encoder: Encoder) -> None:
         """Before ready: one text and one image, the shapes of the first searches and uploads
-        (first calls allocate and pick kernels). A full batch here cost ~6 s of start-up."""
+        (first calls allocate and pick kernels; a full batch here cost ~6 s of start-up), and,
+        when the text tower is compiled, every shape it specialises on, so that no request
+        pays a compile."""
+        started = time.perf_counter()
+        encoder.warm_up_texts(self.settings.batch.max_batch_size)
+        compile_s = time.perf_counter() - started
+        if compile_s > 1:
+            log.info("text tower compiled in %.0f s", compile_s)
         started = time.perf_counter()
         encoder.encode_texts(["a photo of a dog"])
         encoder.encode_images([torch.zeros(3, encoder.image_size, encoder.image_size)])

@@ -15,7 +15,8 @@ from torch import nn
 
 from models.checkpoint import Checkpoint, RerankConfig
 from models.decoder import CocaDecoder, caption_logprob
-from models.text_tower import TextOutput, text_forward
+from models.text_blocks import CompiledBlocks
+from models.text_tower import TextOutput, runs_fast, text_forward, text_transformer
 from models.token_cache import TokenCache
 
 # Image tokens kept for re-ranking (models/token_cache.py: about 0.52 MB per coca_ViT-B-32
@@ -47,10 +48,14 @@ class Encoder:
         preprocess_cfg: dict[str, Any],
         rerank_cfg: RerankConfig | None = None,
         text_model: nn.Module | None = None,
+        text_compile: bool = False,
     ) -> None:
         self.model = model.eval()
         # A lower-precision copy of the text tower for queries (precision "bf16-text").
         self.text_model = text_model.eval() if text_model is not None else self.model
+        self._text_blocks: CompiledBlocks | None = None
+        if text_compile and runs_fast(self.text_model):
+            self._text_blocks = CompiledBlocks(text_transformer(self.text_model))
         self.tokenizer = tokenizer
         self._preprocess = preprocess
         self.device = device
@@ -131,9 +136,19 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenize(texts).to(self.device)
         with self._inference():
-            pooled = text_forward(self.text_model, tokens).pooled
+            pooled = text_forward(self.text_model, tokens, compiled=self._text_blocks).pooled
             features = F.normalize(pooled.float(), dim=-1)
         return features.cpu().numpy()
+
+    def warm_up_texts(self, batch_size: int) -> None:
+        """Run the text tower once at each shape a compiled tower specialises on (every length
+        bucket, at batch 1 and `batch_size`), so that no request pays a compile."""
+        if self._text_blocks is None:
+            return
+        for length in self._text_blocks.buckets:
+            words = " ".join(["photo"] * max(0, min(length, self.context_length) - 2))
+            for size in sorted({1, max(2, batch_size)}):
+                self.encode_texts([words] * size)
 
     # -- re-ranking with CoCa's decoder ----------------------------------------------------
     def image_tokens(self, images: Sequence[torch.Tensor] | torch.Tensor) -> ImageTokens:

@@ -27,6 +27,8 @@ from torch import nn
 from models.checkpoint import Checkpoint, CheckpointError, RerankConfig, load_checkpoint
 from models.decoder import adopt_decoder, init_text_projection
 from models.encoder import Encoder
+from models.text_blocks import bf16_matmuls
+from models.text_tower import runs_fast, text_transformer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class EncoderSpec:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | bf16-text (CPU) | fp16 (CUDA)
     cache_dir: Path | None = None
+    text_compile: bool = False  # torch.compile the text blocks (app/config.py: text_compile)
 
 
 def register_builtin_configs() -> None:
@@ -316,7 +319,11 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     elif precision == "bf16-text":
-        text_model = _text_tower_copy(model).to(torch.bfloat16)
+        text_model = _text_tower_copy(model)
+        if runs_fast(text_model):  # bf16 matmuls, float32 residual stream (text_blocks.py)
+            bf16_matmuls(text_transformer(text_model))
+        else:
+            text_model = text_model.to(torch.bfloat16)
     tokenizer = open_clip.get_tokenizer(name)
     log.info(
         "loaded %s (weights: %s) on %s, precision %s, fingerprint %s, re-ranker: %s",
@@ -335,4 +342,5 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         preprocess_cfg=preprocess_cfg,
         rerank_cfg=rerank_cfg,
         text_model=text_model,
+        text_compile=spec.text_compile,
     )

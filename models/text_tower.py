@@ -8,6 +8,9 @@ embedding is the one of the full context's last slot, and a padding mask keeps i
 tokens. Trimming then keeps that slot's embedding and the mask's columns for the kept
 positions, which again changes nothing (tests/models/test_encoders.py). The token features
 (before `ln_final`) are what CoCa's decoder reads. Models with no causal mask use the stock path.
+
+The kept positions then run through models/text_blocks.py (the same blocks with one fused
+attention call each) where every block is open_clip's plain one; otherwise through open_clip's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.text_blocks import CompiledBlocks, fast_blocks_supported, run_blocks, stream_dtype
 
 
 @dataclass
@@ -78,7 +83,13 @@ def _pool(parts: _TextParts, x: torch.Tensor, text: torch.Tensor) -> torch.Tenso
     return x[rows, text.argmax(dim=-1)]  # argmax: EOT has the highest id
 
 
-def _cls_forward(parts: _TextParts, text: torch.Tensor, trim: bool) -> TextOutput:
+def _cls_forward(
+    parts: _TextParts,
+    text: torch.Tensor,
+    trim: bool,
+    fast: bool,
+    compiled: CompiledBlocks | None,
+) -> TextOutput:
     """CoCa's text tower (CLS appended after the context), trimmed without changing a number.
 
     open_clip's key mask over the context plus CLS is `valid` (text != pad) with the CLS slot
@@ -93,9 +104,12 @@ def _cls_forward(parts: _TextParts, text: torch.Tensor, trim: bool) -> TextOutpu
     length = context
     if trim:
         length = min(context, int(valid.sum(dim=1).max().item()) + 1)
+        if compiled is not None:
+            length = compiled.length(length, context)
     kept = torch.cat([torch.arange(length), torch.tensor([context])]).to(text.device)
     keys = keys[:, kept]  # [B, length + 1]
-    cast_dtype = parts.transformer.get_cast_dtype()
+    fast = fast and fast_blocks_supported(parts.transformer)
+    cast_dtype = _cast_dtype(parts, fast)
     cls_emb: Any = parts.cls_emb
     x = parts.token_embedding(text[:, :length]).to(cast_dtype)
     x = torch.cat([x, cls_emb.to(cast_dtype).expand(batch, 1, -1)], dim=1)
@@ -103,8 +117,13 @@ def _cls_forward(parts: _TextParts, text: torch.Tensor, trim: bool) -> TextOutpu
     causal = parts.attn_mask[: length + 1, : length + 1].to(cast_dtype)
     additive = torch.zeros(batch, 1, length + 1, dtype=cast_dtype, device=text.device)
     additive = additive.masked_fill(~keys[:, None, :], float("-inf"))
-    mask = (causal[None] + additive).repeat_interleave(parts.heads, dim=0)
-    x = parts.transformer(x, attn_mask=mask)
+    mask = causal[None] + additive  # [B, length + 1, length + 1]
+    if compiled is not None:
+        x = compiled(x, attn_mask=mask[:, None])
+    elif fast:
+        x = run_blocks(parts.transformer, x, attn_mask=mask[:, None])  # heads broadcast
+    else:
+        x = parts.transformer(x, attn_mask=mask.repeat_interleave(parts.heads, dim=0))
     pooled = parts.ln_final(x[:, -1])
     if parts.text_projection is not None:
         if isinstance(parts.text_projection, nn.Linear):
@@ -115,15 +134,42 @@ def _cls_forward(parts: _TextParts, text: torch.Tensor, trim: bool) -> TextOutpu
     return TextOutput(pooled, x[:, :-1], ids != parts.pad_id, ids)
 
 
-def text_forward(model: nn.Module, text: torch.Tensor, *, trim: bool = True) -> TextOutput:
-    """Run the text tower on token ids [B, context_length]."""
+def _cast_dtype(parts: _TextParts, fast: bool) -> torch.dtype:
+    """The residual stream's dtype: float32 on the fast path after `bf16_matmuls`, else the
+    weights' (what open_clip casts the embeddings to)."""
+    return stream_dtype(parts.transformer) if fast else parts.transformer.get_cast_dtype()
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """Whether an additive mask [L, L] is exactly open_clip's causal one (-inf above the
+    diagonal, 0 elsewhere), so that SDPA's `is_causal` may stand for it."""
+    above = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.isneginf(mask).eq(above).all()) and bool(mask[~above].eq(0).all())
+
+
+def text_forward(
+    model: nn.Module,
+    text: torch.Tensor,
+    *,
+    trim: bool = True,
+    fast: bool = True,
+    compiled: CompiledBlocks | None = None,
+) -> TextOutput:
+    """Run the text tower on token ids [B, context_length]. `fast`: blocks through
+    models/text_blocks.py (fused attention) where the model allows; False keeps open_clip's.
+    `compiled`: those blocks compiled for this model's text transformer (lengths bucketed)."""
     parts = _TextParts(model)
+    if compiled is not None:
+        usable = fast and trim and parts.trimmable and compiled.transformer is parts.transformer
+        compiled = compiled if usable and fast_blocks_supported(parts.transformer) else None
     if parts.cls_emb is not None and parts.trimmable:
-        return _cls_forward(parts, text, trim)
+        return _cls_forward(parts, text, trim, fast, compiled)
     mask_full = text != parts.pad_id
     if trim and parts.trimmable:
         length = int(mask_full.sum(dim=1).max().item())
         length = max(1, min(length, text.shape[1]))
+        if compiled is not None:
+            length = compiled.length(length, text.shape[1])
         text = text[:, :length]
     if not parts.trimmable:
         # Stock path, untrimmed; token features come from open_clip's own output_tokens.
@@ -139,10 +185,17 @@ def text_forward(model: nn.Module, text: torch.Tensor, *, trim: bool = True) -> 
         pooled = model.encode_text(text)  # type: ignore[operator]
         return TextOutput(pooled, pooled[:, None, :], mask_full[:, :1])
     seq_len = text.shape[1]
-    cast_dtype = parts.transformer.get_cast_dtype()
+    causal = parts.attn_mask[:seq_len, :seq_len]
+    fast = fast and fast_blocks_supported(parts.transformer) and _is_causal(causal)
+    cast_dtype = _cast_dtype(parts, fast)
     x = parts.token_embedding(text).to(cast_dtype)  # [B, L, width]
     x = x + parts.positional_embedding[:seq_len].to(cast_dtype)
-    x = parts.transformer(x, attn_mask=parts.attn_mask[:seq_len, :seq_len])
+    if compiled is not None and fast:
+        x = compiled(x, is_causal=True)
+    elif fast:
+        x = run_blocks(parts.transformer, x, is_causal=True)
+    else:
+        x = parts.transformer(x, attn_mask=causal)
     x = parts.ln_final(x)  # [B, L, width]
     pooled = _pool(parts, x, text)  # [B, width]
     if parts.text_projection is not None:
@@ -151,6 +204,20 @@ def text_forward(model: nn.Module, text: torch.Tensor, *, trim: bool = True) -> 
         else:
             pooled = pooled @ parts.text_projection  # [B, embed_dim]
     return TextOutput(pooled, x, text != parts.pad_id, text)
+
+
+def text_transformer(model: nn.Module) -> nn.Module:
+    """The text tower's transformer (open_clip's `Transformer`), for CLIP and CustomTextCLIP."""
+    return _TextParts(model).transformer
+
+
+def runs_fast(model: nn.Module) -> bool:
+    """Whether `text_forward` runs every block of this model through models/text_blocks.py
+    (only such a model may have its matmuls in bfloat16 alone: `bf16_matmuls`)."""
+    parts = _TextParts(model)
+    if not parts.trimmable or not fast_blocks_supported(parts.transformer):
+        return False
+    return parts.cls_emb is not None or _is_causal(parts.attn_mask)
 
 
 def encode_text_trimmed(

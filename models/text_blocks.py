@@ -1,0 +1,148 @@
+"""open_clip's text transformer blocks, run with one fused attention call per layer.
+
+`nn.MultiheadAttention` with a float mask never takes torch's fused path: every layer goes
+through `multi_head_attention_forward` in Python (input projection split three ways, reshapes,
+a bmm softmax bmm). This runs the same block with the same weights (`ln_1`, the packed
+`in_proj_weight`/`in_proj_bias`, `out_proj`, `ls_1`, `ln_2`, `mlp`, `ls_2`) as one projection
+matmul and `F.scaled_dot_product_attention`, which is the same arithmetic (scale 1/sqrt(head
+width), softmax over keys) in a fused kernel. Only the plain `ResidualAttentionBlock` qualifies;
+any other block (custom attention, cross-attention, biased keys) keeps the stock forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _plain_block(block: nn.Module) -> bool:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    # type() rather than isinstance: a subclass may change the forward we reproduce.
+    if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+        return False
+    attn: Any = block.attn
+    mlp: Any = block.mlp
+    return (
+        list(dict(mlp.named_children())) == ["c_fc", "gelu", "c_proj"]
+        and type(mlp.c_fc) is nn.Linear
+        and type(mlp.c_proj) is nn.Linear
+        and type(attn) is nn.MultiheadAttention
+        and attn.batch_first
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None
+        and attn.bias_k is None
+        and attn.bias_v is None
+        and not attn.add_zero_attn
+    )
+
+
+def fast_blocks_supported(transformer: nn.Module) -> bool:
+    """Whether every block of `transformer` (open_clip's `Transformer`) can run here."""
+    blocks: Any = getattr(transformer, "resblocks", None)
+    if blocks is None or not getattr(transformer, "batch_first", False):
+        return False
+    if getattr(transformer, "grad_checkpointing", False):
+        return False
+    return len(blocks) > 0 and all(_plain_block(b) for b in blocks)
+
+
+def bf16_matmuls(transformer: nn.Module) -> None:
+    """Cast, in place, the projection weights of a `fast_blocks_supported` transformer to
+    bfloat16 (LayerNorms and layer scales stay float32). Like CPU autocast, which keeps the
+    residual stream in float32 (cosine to fp32 >= 0.9999 where bf16 weights throughout gave
+    0.99989, tests/models/test_text_tower.py), but the weights are cast once, not per call."""
+    blocks: Any = transformer.resblocks
+    for block in blocks:
+        for layer in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+            layer.to(torch.bfloat16)
+        attn = block.attn
+        attn.in_proj_weight.data = attn.in_proj_weight.data.to(torch.bfloat16)
+        attn.in_proj_bias.data = attn.in_proj_bias.data.to(torch.bfloat16)
+
+
+def stream_dtype(transformer: nn.Module) -> torch.dtype:
+    """The residual stream's dtype on the fast path: the first LayerNorm's."""
+    blocks: Any = transformer.resblocks
+    return blocks[0].ln_1.weight.dtype
+
+
+def block_forward(
+    block: nn.Module,
+    x: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """One `ResidualAttentionBlock` on x [B, L, W]. `attn_mask` broadcasts to [B, H, L, L]
+    (additive float, or bool True = attend); `is_causal` stands for open_clip's causal mask.
+
+    The matmuls run in their weights' dtype: after `bf16_matmuls`, x (the residual stream),
+    the LayerNorms and the layer scales stay float32 and only the projections are bfloat16."""
+    b: Any = block
+    attn: Any = b.attn
+    batch, length, width = x.shape
+    heads = int(attn.num_heads)
+    low = attn.in_proj_weight.dtype
+    h = b.ln_1(x).to(low)
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+    qkv = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # each [B, H, L, W / H]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)  # as the stock block does
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    o = o.transpose(1, 2).reshape(batch, length, width)  # [B, L, W]
+    x = x + b.ls_1(attn.out_proj(o).to(x.dtype))
+    return x + b.ls_2(b.mlp(b.ln_2(x).to(low)).to(x.dtype))
+
+
+def run_blocks(
+    transformer: nn.Module,
+    x: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """All blocks of a `fast_blocks_supported` transformer on x [B, L, W]."""
+    blocks: Any = transformer.resblocks
+    for block in blocks:
+        x = block_forward(block, x, attn_mask=attn_mask, is_causal=is_causal)
+    return x
+
+
+class CompiledBlocks:
+    """`run_blocks` for one transformer under `torch.compile` (CPU inductor), opt-in through
+    the setting `model.text_compile`: compiling took 30-55 s per graph here (2 loaded cores),
+    and the warm-up compiles two (batch 1, and any other batch size).
+
+    Shapes are symbolic (`dynamic=True`) so that batch sizes share a graph; lengths are padded
+    up to `buckets` (exact: under the causal mask a position never sees later ones, and pads
+    are masked keys for CoCa's CLS), which bounds the shapes the warm-up has to visit.
+    """
+
+    def __init__(self, transformer: nn.Module, buckets: tuple[int, ...] = (8, 16, 32, 77)):
+        self.transformer = transformer
+        self.buckets = tuple(sorted(buckets))
+
+        def blocks(
+            x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+        ) -> torch.Tensor:
+            return run_blocks(transformer, x, attn_mask=attn_mask, is_causal=is_causal)
+
+        self._compiled = torch.compile(blocks, dynamic=True)
+
+    def length(self, needed: int, context: int) -> int:
+        """The bucket that holds `needed` positions, at most `context`."""
+        for bucket in self.buckets:
+            if bucket >= needed:
+                return min(bucket, context)
+        return context
+
+    def __call__(
+        self, x: torch.Tensor, *, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        out: torch.Tensor = self._compiled(x, attn_mask, is_causal)
+        return out
