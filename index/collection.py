@@ -90,6 +90,7 @@ class IndexedCollection:
                 dim=self.dim,
                 exact_vectors=self._exact_vectors,
             )
+            self._index.params = self._index.params.searching_like(self._params_for(0))
             self.loaded_from = "file"
             self._saved_seq = self._index.applied_seq
             if self._index.applied_seq > self.store.last_seq():

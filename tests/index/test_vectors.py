@@ -97,9 +97,44 @@ def test_save_load_and_corruption(tmp_path: Path) -> None:
     path.write_bytes(bytes(flipped))
     with pytest.raises(IndexFileError):
         VectorIndex.load(path, fingerprint="fp", dim=DIM)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # inside the FAISS payload
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(IndexFileError):
+        VectorIndex.load(path, fingerprint="fp", dim=DIM)
     path.write_bytes(b"garbage")
     with pytest.raises(IndexFileError):
         VectorIndex.load(path, fingerprint="fp", dim=DIM)
+
+
+def test_files_with_an_exact_length_header_still_load(tmp_path: Path) -> None:
+    """Files saved before the header got reserved space: header exactly as long as its JSON,
+    the body built in memory."""
+    import hashlib
+    import json
+    import struct
+
+    import faiss
+
+    from index.vectors import _FILE_VERSION, _MAGIC
+
+    x = clustered(50)
+    index = VectorIndex(DIM, IndexParams(kind="hnsw"))
+    index.add(np.arange(50, dtype=np.int64), x)
+    index.remove(np.array([7], dtype=np.int64))
+    payload = faiss.serialize_index(index._index).tobytes()
+    body = payload + np.array([7], dtype=np.int64).tobytes()
+    header = {
+        "version": _FILE_VERSION, "seq": 9, "dim": DIM, "kind": "hnsw",
+        "params": index.params.__dict__, "fingerprint": "fp", "payload_bytes": len(payload),
+        "tombstones": 1, "sha256": hashlib.sha256(body).hexdigest(),
+    }  # fmt: skip
+    head = json.dumps(header).encode()
+    path = tmp_path / "old.faiss"
+    path.write_bytes(_MAGIC + struct.pack("<I", len(head)) + head + body)
+    loaded = VectorIndex.load(path, fingerprint="fp", dim=DIM)
+    assert loaded.applied_seq == 9 and len(loaded) == 49 and loaded.tombstones == 1
+    np.testing.assert_array_equal(loaded.search(x[:5], 4)[1], index.search(x[:5], 4)[1])
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
@@ -152,3 +187,41 @@ def test_ivfpq_deletes_are_tombstones_saved_and_excluded(tmp_path: Path) -> None
     index.save(tmp_path / "i.faiss", fingerprint="f")
     loaded = VectorIndex.load(tmp_path / "i.faiss", fingerprint="f", dim=DIM)
     assert loaded.tombstones == 100 and len(loaded) == 2900
+
+
+def test_a_save_does_not_hold_the_search_lock_but_changes_wait_for_it(tmp_path: Path) -> None:
+    """At 1M vectors a save streams 2.2 GB: searches (which take only the search lock) must
+    go on meanwhile, and changes to the index must not interleave with it."""
+    import threading
+
+    index = VectorIndex(DIM, IndexParams(kind="hnsw"))
+    index.add(np.arange(100, dtype=np.int64), clustered(100))
+    saved = threading.Event()
+    with index._lock:  # a search in progress, as seen by the saver
+        saver = threading.Thread(
+            target=lambda: (index.save(tmp_path / "i.faiss", fingerprint="fp"), saved.set())
+        )
+        saver.start()
+        assert saved.wait(30), "the save waited for the search lock"
+    saver.join()
+    with index._writes:  # a save in progress, as seen by a writer
+        added = threading.Event()
+        writer = threading.Thread(
+            target=lambda: (index.add(np.array([500]), clustered(1, seed=9)), added.set())
+        )
+        writer.start()
+        assert not added.wait(0.5), "a change went ahead during a save"
+    writer.join(30)
+    assert added.is_set() and len(index) == 101
+
+
+def test_a_loaded_index_searches_with_the_current_search_settings(tmp_path: Path) -> None:
+    index = VectorIndex(DIM, IndexParams(kind="hnsw", hnsw_ef_search=64, ivf_nprobe=4))
+    index.add(np.arange(50, dtype=np.int64), clustered(50))
+    index.save(tmp_path / "i.faiss", fingerprint="fp")
+    loaded = VectorIndex.load(tmp_path / "i.faiss", fingerprint="fp", dim=DIM)
+    assert loaded.params.hnsw_ef_search == 64  # as saved
+    now = IndexParams(kind="exact", hnsw_m=8, hnsw_ef_search=300, ivf_nprobe=40, refine_factor=2)
+    mixed = loaded.params.searching_like(now)
+    assert (mixed.kind, mixed.hnsw_m) == ("hnsw", 32)  # build parameters stay the file's
+    assert (mixed.hnsw_ef_search, mixed.ivf_nprobe, mixed.refine_factor) == (300, 40, 2)
