@@ -98,8 +98,11 @@ class CocaDecoder(MultimodalTransformer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = block.attn
         width = q_in.shape[-1]
-        q = F.linear(q_in, attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+        low = attn.in_proj_weight.dtype  # bfloat16 after `bf16_matmuls`, else the stream's
+        q = F.linear(q_in.to(low), attn.in_proj_weight[:width], attn.in_proj_bias[:width])
         q = _split(q, attn.num_heads)
+        if mask is not None:
+            mask = mask.to(q.dtype)
         if want_weights:
             scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
             if mask is not None:
@@ -109,12 +112,13 @@ class CocaDecoder(MultimodalTransformer):
         else:
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return attn.out_proj(_merge(out)), weights
+        return attn.out_proj(_merge(out)).to(q_in.dtype), weights
 
     def _kv(self, block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         attn = block.attn
         width = x.shape[-1]
         w, b = attn.in_proj_weight, attn.in_proj_bias
+        x = x.to(w.dtype)
         k = F.linear(x, w[width : 2 * width], b[width : 2 * width])
         v = F.linear(x, w[2 * width :], b[2 * width :])
         return _split(k, attn.num_heads), _split(v, attn.num_heads)
@@ -146,7 +150,7 @@ class CocaDecoder(MultimodalTransformer):
             k, v = self._kv(sb, h)
             out, _ = self._attend(sb, h, k, v, causal, False)
             x = x + sb.ls_1(out)
-            x = x + sb.ls_2(sb.mlp(sb.ln_2(x)))
+            x = x + sb.ls_2(_mlp(sb, sb.ln_2(x)))
             # Cross-attention to the image tokens: keys and values once per image.
             memory = image_embs.to(x.dtype)
             if self.image_pos_embed is not None:
@@ -158,15 +162,43 @@ class CocaDecoder(MultimodalTransformer):
             if weights is not None:
                 maps.append(weights)
             x = x + cb.ls_1(out)
-            x = x + cb.ls_2(cb.mlp(cb.ln_2(x)))
+            x = x + cb.ls_2(_mlp(cb, cb.ln_2(x)))
         hidden = self.ln_final(x)
         projection: Any = self.text_projection
-        logits = hidden @ (projection if vocab is None else projection[:, vocab])
+        logits = hidden.to(projection.dtype) @ (
+            projection if vocab is None else projection[:, vocab]
+        )
         return DecoderOutput(logits, hidden, maps)
 
     def forward(self, image_embs: torch.Tensor, text_embs: torch.Tensor) -> torch.Tensor:
         """open_clip's signature (used by `CoCa.forward`): logits [N, L, vocab]."""
         return self.decode(image_embs, text_embs).logits
+
+
+def _mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP in its weights' dtype, back in the residual stream's."""
+    return block.mlp(x.to(block.mlp.c_fc.weight.dtype)).to(x.dtype)
+
+
+def bf16_matmuls(decoder: CocaDecoder) -> CocaDecoder:
+    """A copy of `decoder` whose projections (attention in/out, MLPs, the vocabulary
+    projection) are bfloat16 while LayerNorms, layer scales and the residual stream stay
+    float32: the CPU's bf16 matmuls at 3-4x fp32 for re-ranking, the scores within
+    tests/models/test_decoder.py's tolerance. A copy: the float32 decoder is what
+    checkpoints and training keep."""
+    import copy
+
+    low = copy.deepcopy(decoder)
+    blocks: list[Any] = [*low.resblocks, *low.cross_attn]
+    for block in blocks:
+        for layer in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+            layer.to(torch.bfloat16)
+        attn = block.attn
+        attn.in_proj_weight.data = attn.in_proj_weight.data.to(torch.bfloat16)
+        attn.in_proj_bias.data = attn.in_proj_bias.data.to(torch.bfloat16)
+    projection: Any = low.text_projection
+    projection.data = projection.data.to(torch.bfloat16)
+    return low
 
 
 def _patch_positions(model: nn.Module) -> int | None:

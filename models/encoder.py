@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from models.checkpoint import Checkpoint, RerankConfig
-from models.decoder import CocaDecoder, caption_logprob
+from models.decoder import CocaDecoder, bf16_matmuls, caption_logprob
 from models.text_blocks import CompiledBlocks
 from models.text_tower import TextOutput, runs_fast, text_forward, text_transformer
 from models.token_cache import TokenCache
@@ -69,6 +69,11 @@ class Encoder:
         decoder = getattr(model, "text_decoder", None)
         # Re-ranking needs a CoCa: its decoder scores log p(text | image).
         self.decoder: CocaDecoder | None = decoder if isinstance(decoder, CocaDecoder) else None
+        # What scores pairs: under "bf16-text" a copy with bf16 matmuls (the decoder costs
+        # most of a re-ranked search); the float32 decoder stays for training and checkpoints.
+        self._scorer = self.decoder
+        if self.decoder is not None and precision == "bf16-text":
+            self._scorer = bf16_matmuls(self.decoder)
         self.rerank_cfg = rerank_cfg or RerankConfig()
         self.pad_id = int(getattr(model, "pad_id", 0))
         self._null: torch.Tensor | None = None
@@ -191,7 +196,7 @@ class Encoder:
         over the caption's tokens after the first (EOT included) of the decoder's
         log-probability. All pairs in one decoder pass per `chunk` (the vocabulary logits of a
         chunk are the memory peak: chunk x tokens x vocab floats)."""
-        decoder = self.decoder
+        decoder = self._scorer
         if decoder is None:
             raise RuntimeError("this model has no caption decoder (re-ranking needs a CoCa)")
         if not pairs:

@@ -502,7 +502,7 @@ def import_paths(
     )
     with (
         tqdm(total=total, unit="row", desc="importing", disable=not progress) as bar,
-        library.store.bulk_writes(),
+        library.store.bulk_writes(rows=total),
     ):
         for ready in _one_ahead(prepared):
             _commit(library, ready, report)

@@ -199,3 +199,55 @@ def test_metadata_is_stored_compact_whatever_its_spacing(
         tmp_path / "nan.parquet", {"embedding": _vectors(1).tolist(), "metadata": ['{"x": NaN}']}
     )
     assert "row 0: metadata cannot be stored" in _bad(tmp_path / "other", capsys, nan)
+
+
+def _meta_indexes(store: MetadataStore) -> set[str]:
+    rows = store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    return {str(r[0]) for r in rows if str(r[0]).startswith("item_meta")}
+
+
+def test_a_large_import_rebuilds_the_metadata_indexes_and_a_crash_leaves_them_whole(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    first = _write(
+        tmp_path / "a.parquet",
+        {
+            "embedding": _vectors(30).tolist(),
+            "metadata": [json.dumps({"n": i % 3}) for i in range(30)],
+        },
+    )
+    assert _import(data, first) == 0  # 30 rows into an empty store: indexes dropped and rebuilt
+    store = MetadataStore(data / "xmodal.sqlite3")
+    try:
+        assert _meta_indexes(store) == {"item_meta_lookup", "item_meta_item"}
+        plan = store._db.execute(
+            "EXPLAIN QUERY PLAN SELECT item_id FROM item_meta WHERE kind = 'image' AND key = 'n'"
+            " AND value = 1"
+        ).fetchall()
+        assert "item_meta_lookup" in " ".join(str(r[3]) for r in plan)
+        assert len(store.filter_ids("image", {"n": 1})) == 10
+        # A process killed inside a bulk import leaves the indexes dropped...
+        with pytest.raises(KeyboardInterrupt), store.bulk_writes(rows=10**6):
+            assert _meta_indexes(store) == set()
+            raise KeyboardInterrupt  # (the context manager rebuilds them on the way out)
+        assert _meta_indexes(store) == {"item_meta_lookup", "item_meta_item"}
+        for name in ("item_meta_lookup", "item_meta_item"):
+            store._db.execute(f"DROP INDEX {name}")  # ...as kill -9 would
+    finally:
+        store.close()
+    store = MetadataStore(data / "xmodal.sqlite3")  # ...and the next open builds them again
+    try:
+        assert _meta_indexes(store) == {"item_meta_lookup", "item_meta_item"}
+        assert len(store.filter_ids("image", {"n": 2})) == 10
+    finally:
+        store.close()
+    # A small import into a bigger store keeps its indexes (inserts beat a rebuild there).
+    small = _write(tmp_path / "b.parquet", {"embedding": _vectors(3, seed=1).tolist()})
+    store = MetadataStore(data / "xmodal.sqlite3")
+    try:
+        with store.bulk_writes(rows=3):
+            assert _meta_indexes(store) == {"item_meta_lookup", "item_meta_item"}
+    finally:
+        store.close()
+    assert _import(data, small) == 0 and _count(data) == 33

@@ -195,3 +195,34 @@ def test_patch_position_embedding_starts_at_zero(encoder: Encoder) -> None:
         after = decoder.decode(images, text).logits
         decoder.image_pos_embed.zero_()
     assert not torch.allclose(before, after)  # it reaches the keys and values
+
+
+def test_bf16_text_precision_scores_with_a_bf16_copy_of_the_decoder(encoder: Encoder) -> None:
+    """Under "bf16-text" the pairs are scored by a copy whose projections are bfloat16; the
+    float32 decoder (training, checkpoints) is untouched and the scores stay close."""
+    from models.factory import EncoderSpec, load_encoder
+
+    low = load_encoder(
+        EncoderSpec(name="xmodal-tiny", pretrained="none", device="cpu", precision="bf16-text")
+    )
+    assert low.decoder is not None and low.decoder.text_projection.dtype == torch.float32
+    assert all(
+        p.dtype == torch.float32 for p in low.model.state_dict().values() if p.is_floating_point()
+    )
+    scorer = low._scorer
+    assert scorer is not None and scorer is not low.decoder
+    assert scorer.text_projection.dtype == torch.bfloat16
+    assert scorer.resblocks[0].ln_1.weight.dtype == torch.float32  # LayerNorms stay float32
+    # Same weights (seeded random init) as the session's fp32 encoder.
+    assert low.fingerprint == encoder.fingerprint
+    pixels = torch.rand(
+        4, 3, encoder.image_size, encoder.image_size, generator=torch.Generator().manual_seed(5)
+    )
+    pairs = [(t, i) for t in range(3) for i in range(4)]
+    exact = encoder.caption_logprobs(
+        encoder.text_tokens(CAPTIONS), encoder.image_tokens(pixels).tokens, pairs
+    )
+    fast = low.caption_logprobs(low.text_tokens(CAPTIONS), low.image_tokens(pixels).tokens, pairs)
+    assert fast.dtype == np.float32 and np.isfinite(fast).all()
+    np.testing.assert_allclose(fast, exact, atol=0.05, rtol=0.01)
+    assert not np.array_equal(fast, exact)  # it did run in bf16
