@@ -466,15 +466,26 @@ def main() -> int:
     crash.start()
     saved_seq = httpx.get(f"{crash.url}/v1/info").json()["index"]["images"]["seq"]
     t = time.monotonic()
-    # Deletes of the last ids, 8 at a time (uploads would time the image tower, not the replay).
-    victims = list(range(args.n, args.n - args.crash_changes, -1))
+    # Deletes of the highest live ids, 8 clients at a time, until `crash_changes` succeeded
+    # (uploads would time the image tower, not the replay; with --reuse, the ids an earlier run
+    # deleted answer 404 and do not count).
+    candidates = iter(range(args.n, 0, -1))
+    deleted = 0
+    pick = threading.Lock()
 
-    def delete_some(part: list[int]) -> None:
+    def delete_some() -> None:
+        nonlocal deleted
         with httpx.Client(base_url=crash.url, timeout=120) as client:
-            for item_id in part:
-                client.delete(f"/v1/images/{item_id}")
+            while True:
+                with pick:
+                    if deleted >= args.crash_changes:
+                        return
+                    item_id = next(candidates)
+                if client.delete(f"/v1/images/{item_id}").status_code == 204:
+                    with pick:
+                        deleted += 1
 
-    threads = [threading.Thread(target=delete_some, args=(victims[i::8],)) for i in range(8)]
+    threads = [threading.Thread(target=delete_some) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
