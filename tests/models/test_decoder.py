@@ -213,7 +213,7 @@ def test_bf16_text_precision_scores_with_a_bf16_copy_of_the_decoder(encoder: Enc
     assert scorer is not None and scorer is not low.decoder
     assert scorer.text_projection.dtype == torch.bfloat16
     assert scorer.resblocks[0].ln_1.weight.dtype == torch.float32  # LayerNorms stay float32
-    # Same weights (seeded random init) as the session's fp32 encoder.
+    # Same weights (seeded random init) as the shared fp32 `encoder` fixture.
     assert low.fingerprint == encoder.fingerprint
     pixels = torch.rand(
         4, 3, encoder.image_size, encoder.image_size, generator=torch.Generator().manual_seed(5)
