@@ -38,11 +38,6 @@ _IO_CHUNK = 1 << 20
 # does not, and reads them from the store (SMALL_FILTER at most).
 SMALL_FILTER = 4096
 EXACT_FILTER_SHARE = 50
-# A filtered HNSW search walks excluded nodes too but keeps only allowed ones: with 3% of 1M
-# allowed, efSearch 512 left about 15 allowed candidates (recall@10 0.94, bench/scale.py).
-# Below this share of the index allowed, efSearch grows in proportion, up to the factor.
-FILTER_EF_SHARE = 0.1
-FILTER_EF_MAX_FACTOR = 8
 
 # faiss 1.15 only uses BLAS for batches above this threshold; small query batches then take a
 # much slower path (measured: 64 queries at 1M vectors, 2.7 s -> 0.36 s with 20).
@@ -248,8 +243,7 @@ class VectorIndex:
             if self._tombstones:
                 dead = np.fromiter(self._tombstones, dtype=np.int64, count=len(self._tombstones))
                 selectors.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(dead)))
-            share = len(allowed) / max(int(self._index.ntotal), 1) if allowed is not None else 1.0
-            params = self._search_params(k_search, share)
+            params = self._search_params(k_search)
             if len(selectors) == 2:
                 params.sel = faiss.IDSelectorAnd(selectors[0], selectors[1])
             elif selectors:
@@ -301,14 +295,10 @@ class VectorIndex:
             ids[row, : len(order)] = found[order]
         return scores, ids
 
-    def _search_params(self, k: int, allowed_share: float = 1.0) -> Any:
+    def _search_params(self, k: int) -> Any:
         if self.params.kind == "hnsw":
             hnsw_params = _faiss.SearchParametersHNSW()
-            ef = max(self.params.hnsw_ef_search, k)
-            if allowed_share < FILTER_EF_SHARE:
-                widen = min(FILTER_EF_MAX_FACTOR, FILTER_EF_SHARE / max(allowed_share, 1e-9))
-                ef = int(ef * widen)
-            hnsw_params.efSearch = ef
+            hnsw_params.efSearch = max(self.params.hnsw_ef_search, k)
             return hnsw_params
         if self.params.kind == "ivfpq":
             ivf_params = faiss.SearchParametersIVF()

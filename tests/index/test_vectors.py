@@ -225,14 +225,3 @@ def test_a_loaded_index_searches_with_the_current_search_settings(tmp_path: Path
     mixed = loaded.params.searching_like(now)
     assert (mixed.kind, mixed.hnsw_m) == ("hnsw", 32)  # build parameters stay the file's
     assert (mixed.hnsw_ef_search, mixed.ivf_nprobe, mixed.refine_factor) == (300, 40, 2)
-
-
-def test_a_selective_filter_widens_the_hnsw_search() -> None:
-    from index.vectors import FILTER_EF_MAX_FACTOR, FILTER_EF_SHARE
-
-    index = VectorIndex(DIM, IndexParams(kind="hnsw", hnsw_ef_search=100))
-    assert index._search_params(10).efSearch == 100  # no filter
-    assert index._search_params(10, 0.5).efSearch == 100  # a broad filter
-    assert index._search_params(10, FILTER_EF_SHARE / 4).efSearch == 400
-    assert index._search_params(10, 1e-6).efSearch == 100 * FILTER_EF_MAX_FACTOR  # capped
-    assert index._search_params(300, 1.0).efSearch == 300  # never below k
