@@ -345,8 +345,9 @@ class VectorIndex:
                         "payload_bytes": written,
                         "tombstones": len(dead),
                     }
-                fh.write(dead.tobytes())
-                digest.update(dead.tobytes())
+                tail = dead.tobytes()
+                fh.write(tail)
+                digest.update(tail)
                 header["sha256"] = digest.hexdigest()
                 head = json.dumps(header).encode()
                 if len(head) > _HEADER_SPACE:

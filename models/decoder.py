@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from open_clip.transformer import LayerScale, MultimodalTransformer, ResidualAttentionBlock
 from torch import nn
 
+from models.text_blocks import bf16_block_matmuls, block_mlp
+
 
 @dataclass
 class DecoderOutput:
@@ -150,7 +152,7 @@ class CocaDecoder(MultimodalTransformer):
             k, v = self._kv(sb, h)
             out, _ = self._attend(sb, h, k, v, causal, False)
             x = x + sb.ls_1(out)
-            x = x + sb.ls_2(_mlp(sb, sb.ln_2(x)))
+            x = x + sb.ls_2(block_mlp(sb, sb.ln_2(x)))
             # Cross-attention to the image tokens: keys and values once per image.
             memory = image_embs.to(x.dtype)
             if self.image_pos_embed is not None:
@@ -162,7 +164,7 @@ class CocaDecoder(MultimodalTransformer):
             if weights is not None:
                 maps.append(weights)
             x = x + cb.ls_1(out)
-            x = x + cb.ls_2(_mlp(cb, cb.ln_2(x)))
+            x = x + cb.ls_2(block_mlp(cb, cb.ln_2(x)))
         hidden = self.ln_final(x)
         projection: Any = self.text_projection
         logits = hidden.to(projection.dtype) @ (
@@ -175,12 +177,7 @@ class CocaDecoder(MultimodalTransformer):
         return self.decode(image_embs, text_embs).logits
 
 
-def _mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
-    """The block's MLP in its weights' dtype, back in the residual stream's."""
-    return block.mlp(x.to(block.mlp.c_fc.weight.dtype)).to(x.dtype)
-
-
-def bf16_matmuls(decoder: CocaDecoder) -> CocaDecoder:
+def bf16_matmul_copy(decoder: CocaDecoder) -> CocaDecoder:
     """A copy of `decoder` whose projections (attention in/out, MLPs, the vocabulary
     projection) are bfloat16 while LayerNorms, layer scales and the residual stream stay
     float32: the CPU's bf16 matmuls at 3-4x fp32 for re-ranking, the scores within
@@ -189,13 +186,8 @@ def bf16_matmuls(decoder: CocaDecoder) -> CocaDecoder:
     import copy
 
     low = copy.deepcopy(decoder)
-    blocks: list[Any] = [*low.resblocks, *low.cross_attn]
-    for block in blocks:
-        for layer in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
-            layer.to(torch.bfloat16)
-        attn = block.attn
-        attn.in_proj_weight.data = attn.in_proj_weight.data.to(torch.bfloat16)
-        attn.in_proj_bias.data = attn.in_proj_bias.data.to(torch.bfloat16)
+    for block in [*low.resblocks, *low.cross_attn]:
+        bf16_block_matmuls(block)
     projection: Any = low.text_projection
     projection.data = projection.data.to(torch.bfloat16)
     return low

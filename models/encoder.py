@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from models.checkpoint import Checkpoint, RerankConfig
-from models.decoder import CocaDecoder, bf16_matmuls, caption_logprob
+from models.decoder import CocaDecoder, bf16_matmul_copy, caption_logprob
 from models.text_blocks import CompiledBlocks
 from models.text_tower import TextOutput, runs_fast, text_forward, text_transformer
 from models.token_cache import TokenCache
@@ -73,7 +73,7 @@ class Encoder:
         # most of a re-ranked search); the float32 decoder stays for training and checkpoints.
         self._scorer = self.decoder
         if self.decoder is not None and precision == "bf16-text":
-            self._scorer = bf16_matmuls(self.decoder)
+            self._scorer = bf16_matmul_copy(self.decoder)
         self.rerank_cfg = rerank_cfg or RerankConfig()
         self.pad_id = int(getattr(model, "pad_id", 0))
         self._null: torch.Tensor | None = None

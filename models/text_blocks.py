@@ -57,11 +57,24 @@ def bf16_matmuls(transformer: nn.Module) -> None:
     0.99989, tests/models/test_text_tower.py), but the weights are cast once, not per call."""
     blocks: Any = transformer.resblocks
     for block in blocks:
-        for layer in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
-            layer.to(torch.bfloat16)
-        attn = block.attn
-        attn.in_proj_weight.data = attn.in_proj_weight.data.to(torch.bfloat16)
-        attn.in_proj_bias.data = attn.in_proj_bias.data.to(torch.bfloat16)
+        bf16_block_matmuls(block)
+
+
+def bf16_block_matmuls(block: nn.Module) -> None:
+    """One `ResidualAttentionBlock`'s projections (attention in/out, MLP) to bfloat16, in
+    place; its LayerNorms and layer scales stay as they are."""
+    b: Any = block
+    for layer in (b.attn.out_proj, b.mlp.c_fc, b.mlp.c_proj):
+        layer.to(torch.bfloat16)
+    attn = b.attn
+    attn.in_proj_weight.data = attn.in_proj_weight.data.to(torch.bfloat16)
+    attn.in_proj_bias.data = attn.in_proj_bias.data.to(torch.bfloat16)
+
+
+def block_mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP on x in its weights' dtype, back in x's dtype."""
+    mlp: Any = block.mlp
+    return mlp(x.to(mlp.c_fc.weight.dtype)).to(x.dtype)
 
 
 def stream_dtype(transformer: nn.Module) -> torch.dtype:
@@ -96,7 +109,7 @@ def block_forward(
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     o = o.transpose(1, 2).reshape(batch, length, width)  # [B, L, W]
     x = x + b.ls_1(attn.out_proj(o).to(x.dtype))
-    return x + b.ls_2(b.mlp(b.ln_2(x).to(low)).to(x.dtype))
+    return x + b.ls_2(block_mlp(b, b.ln_2(x)))
 
 
 def run_blocks(
