@@ -68,9 +68,10 @@ class IndexSettings(BaseModel):
     # IVF-PQ 79 MiB and 3 minutes at better recall, so IVF-PQ takes over above 1M.
     hnsw_max: int = Field(1_000_000, ge=0)
     hnsw_m: int = Field(32, ge=4, le=128)
-    # Search-time (a saved index takes the current value). 256 gave recall@10 0.95 on
-    # bench/ann.py's 1M vectors but 0.938 on bench/scale.py's; 512 0.97 at about 1.8x the
-    # search time (~1 ms a query at 1M); 0.999 at 100k either way.
+    # Search-time (a saved index takes the current value). At 1M vectors 256 gave recall@10
+    # 0.95 on bench/ann.py's data but 0.938 on bench/scale.py's, where 512 gave 0.957 (0.934
+    # against 0.833 on a harder query set) at about 1.8x the search time, ~1 ms a query;
+    # 0.999 at 100k either way.
     hnsw_ef_search: int = Field(512, ge=8)
     hnsw_ef_construction: int = Field(80, ge=8)
     ivf_nprobe: int = Field(16, ge=1)

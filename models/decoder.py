@@ -100,7 +100,7 @@ class CocaDecoder(MultimodalTransformer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = block.attn
         width = q_in.shape[-1]
-        low = attn.in_proj_weight.dtype  # bfloat16 after `bf16_matmuls`, else the stream's
+        low = attn.in_proj_weight.dtype  # bfloat16 in a `bf16_matmul_copy`, else the stream's
         q = F.linear(q_in.to(low), attn.in_proj_weight[:width], attn.in_proj_bias[:width])
         q = _split(q, attn.num_heads)
         if mask is not None:

@@ -240,7 +240,8 @@ class Encoder:
     ) -> np.ndarray:
         """Fused score for each (text row, image row) pair: cosine weight x cosine +
         caption weight x log p(text | image) (minus the text prior for image queries when
-        the config says so; the weights per query kind, `RerankConfig.weights`). `text_query`: for all pairs, or per pair. Higher is better."""
+        the config says so; the weights per query kind, `RerankConfig.weights`).
+        `text_query`: for all pairs, or per pair. Higher is better."""
         if not pairs:
             return np.zeros((0,), dtype=np.float32)
         cfg = self.rerank_cfg

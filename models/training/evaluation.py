@@ -10,8 +10,8 @@ writes) for the cosine and the fused score, and the re-ranking latency.
 
 `calibrate` fits the fusion weights on a labelled CSV: a grid over cosine_weight with
 caption_weight 1 (and caption_weight 0, which is the dual encoder's order), for text queries
-and, with raw or debiased caption scores, separately for image queries, each by Recall@1. Fit on a split other than the one you
-report.
+and, with raw or debiased caption scores, separately for image queries, each by Recall@1.
+Fit on a split other than the one you report.
 
 Duplicates: the image gallery is the set of distinct image files and the text gallery the set
 of distinct caption strings (a caption written twice is one gallery entry, as it would be in a
