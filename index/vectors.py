@@ -380,8 +380,8 @@ class VectorIndex:
                     raise IndexFileError(f"{path} has index file version {header.get('version')}")
                 if header.get("fingerprint") != fingerprint or header.get("dim") != dim:
                     raise IndexFileError(f"{path} was built with another model")
+                left, seq, params = _header_fields(header, path)
                 digest = hashlib.sha256()
-                left = int(header["payload_bytes"])
 
                 def read(size: int) -> bytes:
                     nonlocal left
@@ -404,11 +404,24 @@ class VectorIndex:
             raise IndexFileError(f"{path} is truncated or corrupt (checksum mismatch)")
         if len(tail) % 8:
             raise IndexFileError(f"{path} is truncated or corrupt (tombstones)")
-        index = cls(dim, IndexParams(**header["params"]), exact_vectors)
+        index = cls(dim, params, exact_vectors)
         index._index = loaded
         index._tombstones = {int(i) for i in np.frombuffer(tail, dtype=np.int64)}
-        index.applied_seq = int(header["seq"])
+        index.applied_seq = seq
         return index
+
+
+def _header_fields(header: dict[str, Any], path: Path) -> tuple[int, int, IndexParams]:
+    """(payload bytes, seq, params) of a header, or IndexFileError: the checksum covers the
+    body only, so a damaged header must be refused here, not crash the load."""
+    try:
+        payload, seq = int(header["payload_bytes"]), int(header["seq"])
+        params = IndexParams(**header["params"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFileError(f"{path} has an unreadable header ({exc!r})") from None
+    if payload < 0 or seq < 0 or params.kind not in ("exact", "hnsw", "ivfpq"):
+        raise IndexFileError(f"{path} has an unreadable header")
+    return payload, seq, params
 
 
 def _read_header(fh: BinaryIO, path: Path) -> dict[str, Any]:

@@ -225,3 +225,40 @@ def test_a_loaded_index_searches_with_the_current_search_settings(tmp_path: Path
     mixed = loaded.params.searching_like(now)
     assert (mixed.kind, mixed.hnsw_m) == ("hnsw", 32)  # build parameters stay the file's
     assert (mixed.hnsw_ef_search, mixed.ivf_nprobe, mixed.refine_factor) == (300, 40, 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"payload_bytes": -5},
+        {"payload_bytes": "many"},
+        {"seq": "ten"},
+        {"params": {"kind": "hnsw", "no_such_field": 1}},
+        {"params": {"kind": "lsh"}},
+        {"params": None},
+    ],
+)
+def test_a_damaged_header_is_refused_not_raised_through(
+    tmp_path: Path, change: dict[str, object]
+) -> None:
+    """The checksum covers the body only: a header field of the wrong type, sign or name must
+    make the file untrusted (the collection then rebuilds from SQLite), not crash the load."""
+    import json
+    import struct
+
+    from index.vectors import _MAGIC
+
+    index = VectorIndex(DIM, IndexParams(kind="hnsw"))
+    index.add(np.arange(20, dtype=np.int64), clustered(20))
+    path = tmp_path / "i.faiss"
+    index.save(path, fingerprint="fp")
+    data = bytearray(path.read_bytes())
+    start = len(_MAGIC) + 4
+    (space,) = struct.unpack_from("<I", data, len(_MAGIC))
+    header = json.loads(data[start : start + space])
+    header.update(change)
+    head = json.dumps(header).encode()
+    data[start : start + space] = head + b" " * (space - len(head))
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="unreadable header"):
+        VectorIndex.load(path, fingerprint="fp", dim=DIM)
