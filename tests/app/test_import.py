@@ -251,3 +251,66 @@ def test_a_large_import_rebuilds_the_metadata_indexes_and_a_crash_leaves_them_wh
     finally:
         store.close()
     assert _import(data, small) == 0 and _count(data) == 33
+
+
+@pytest.mark.slow
+def test_an_import_killed_midway_keeps_whole_chunks_and_a_rerun_completes_it(
+    tmp_path: Path,
+) -> None:
+    """kill -9 while `xmodal import` commits (synchronous=NORMAL, metadata indexes dropped):
+    the store holds whole chunks only, opens with its indexes back, and a rerun adds exactly
+    the rows that were missing, each once."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    n, chunk = 60_000, 2_000
+    keys = [f"k{i}" for i in range(n)]
+    meta = [json.dumps({"n": i % 7}) for i in range(n)]
+    path = _write(
+        tmp_path / "rows.parquet",
+        {"embedding": _vectors(n).tolist(), "key": keys, "metadata": meta},
+    )
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "app.cli", "import", str(path), "--data-dir", str(data),
+           "--batch-rows", str(chunk), *TINY]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = data / "xmodal.sqlite3"
+    deadline = time.monotonic() + 240
+    stored = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if db.exists():
+                try:
+                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+                        stored = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+                except sqlite3.Error:
+                    stored = 0
+                if stored >= 3 * chunk:
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert stored >= 3 * chunk, "the import finished or never committed before the kill"
+    kept = _count(data)
+    assert 3 * chunk <= kept < n and kept % chunk == 0  # whole chunks, never part of one
+    store = MetadataStore(data / "xmodal.sqlite3")
+    try:
+        assert _meta_indexes(store) == {"item_meta_lookup", "item_meta_item"}
+        assert len(store.filter_ids("image", {"n": 3})) == sum(1 for i in range(kept) if i % 7 == 3)
+    finally:
+        store.close()
+    assert _import(data, path) == 0  # the rerun skips what is stored, by key
+    assert _count(data) == n
+    store = MetadataStore(data / "xmodal.sqlite3")
+    try:
+        distinct = store._db.execute("SELECT count(DISTINCT sha256) FROM items").fetchone()[0]
+        assert distinct == n
+        assert len(store.filter_ids("image", {"n": 3})) == sum(1 for i in range(n) if i % 7 == 3)
+    finally:
+        store.close()
