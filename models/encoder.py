@@ -16,7 +16,13 @@ from torch import nn
 from models.checkpoint import Checkpoint, RerankConfig
 from models.decoder import CocaDecoder, bf16_matmul_copy, caption_logprob
 from models.text_blocks import CompiledBlocks
-from models.text_tower import TextOutput, runs_fast, text_forward, text_transformer
+from models.text_tower import (
+    TextOutput,
+    pooled_text,
+    runs_fast,
+    text_forward,
+    text_transformer,
+)
 from models.token_cache import TokenCache
 
 # Image tokens kept for re-ranking (models/token_cache.py: about 0.52 MB per coca_ViT-B-32
@@ -141,7 +147,7 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenize(texts).to(self.device)
         with self._inference():
-            pooled = text_forward(self.text_model, tokens, compiled=self._text_blocks).pooled
+            pooled = pooled_text(self.text_model, tokens, compiled=self._text_blocks)
             features = F.normalize(pooled.float(), dim=-1)
         return features.cpu().numpy()
 

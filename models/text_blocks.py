@@ -11,6 +11,7 @@ any other block (custom attention, cross-attention, biased keys) keeps the stock
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,31 +84,68 @@ def stream_dtype(transformer: nn.Module) -> torch.dtype:
     return blocks[0].ln_1.weight.dtype
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Rows of different lengths laid end to end, without padding: packed token t sits at
+    `index[t]` of the padded grid [batch, length] flattened. Everything in a block but the
+    attention works token by token, so only the attention needs the grid back."""
+
+    index: torch.Tensor  # [T] int64, increasing
+    batch: int
+    length: int
+
+    @classmethod
+    def of_lengths(cls, lengths: torch.Tensor) -> Packing:
+        """Row i keeps its first `lengths[i]` positions."""
+        length = int(lengths.max())
+        grid = torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+        return cls(grid.reshape(-1).nonzero().squeeze(1), int(lengths.shape[0]), length)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """[T, C] -> [batch, length, C], zeros where a row has no token."""
+        grid = packed.new_zeros(self.batch * self.length, packed.shape[-1])
+        grid.index_copy_(0, self.index, packed)
+        return grid.view(self.batch, self.length, -1)
+
+    def unpad(self, grid: torch.Tensor) -> torch.Tensor:
+        """[batch, length, C] -> [T, C]."""
+        return grid.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+
 def block_forward(
     block: nn.Module,
     x: torch.Tensor,
     *,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    packing: Packing | None = None,
 ) -> torch.Tensor:
-    """One `ResidualAttentionBlock` on x [B, L, W]. `attn_mask` broadcasts to [B, H, L, L]
-    (additive float, or bool True = attend); `is_causal` stands for open_clip's causal mask.
+    """One `ResidualAttentionBlock` on x [B, L, W], or on packed rows x [T, W] (`packing`).
+    `attn_mask` broadcasts to [B, H, L, L] (additive float, or bool True = attend);
+    `is_causal` stands for open_clip's causal mask.
 
     The matmuls run in their weights' dtype: after `bf16_matmuls`, x (the residual stream),
-    the LayerNorms and the layer scales stay float32 and only the projections are bfloat16."""
+    the LayerNorms and the layer scales stay float32 and only the projections are bfloat16.
+    Packed, the projections and the MLP skip the padding; the attention runs on the padded
+    grid, where a causal row never reaches the zeros past its own end."""
     b: Any = block
     attn: Any = b.attn
-    batch, length, width = x.shape
+    width = x.shape[-1]
     heads = int(attn.num_heads)
     low = attn.in_proj_weight.dtype
     h = b.ln_1(x).to(low)
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W] or [T, 3W]
+    if packing is not None:
+        qkv = packing.pad(qkv)
+    batch, length = qkv.shape[:2]
     qkv = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # each [B, H, L, W / H]
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)  # as the stock block does
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     o = o.transpose(1, 2).reshape(batch, length, width)  # [B, L, W]
+    if packing is not None:
+        o = packing.unpad(o)
     x = x + b.ls_1(attn.out_proj(o).to(x.dtype))
     return x + b.ls_2(block_mlp(b, b.ln_2(x)))
 
@@ -118,11 +156,12 @@ def run_blocks(
     *,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    packing: Packing | None = None,
 ) -> torch.Tensor:
-    """All blocks of a `fast_blocks_supported` transformer on x [B, L, W]."""
+    """All blocks of a `fast_blocks_supported` transformer on x [B, L, W] (or packed)."""
     blocks: Any = transformer.resblocks
     for block in blocks:
-        x = block_forward(block, x, attn_mask=attn_mask, is_causal=is_causal)
+        x = block_forward(block, x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
     return x
 
 

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.text_blocks import CompiledBlocks, fast_blocks_supported, run_blocks, stream_dtype
+from models.text_blocks import (
+    CompiledBlocks,
+    Packing,
+    fast_blocks_supported,
+    run_blocks,
+    stream_dtype,
+)
 
 
 @dataclass
@@ -74,14 +80,27 @@ class _TextParts:
             self.trimmable = self.trimmable and self.pool_type in ("argmax", "eos", "first")
 
 
-def _pool(parts: _TextParts, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(x.shape[0], device=x.device)
+def _pooled_positions(parts: _TextParts, text: torch.Tensor) -> torch.Tensor:
+    """[B] the position each row's pooled feature is read from."""
     if parts.pool_type == "first":
-        return x[:, 0]
+        return torch.zeros(text.shape[0], dtype=torch.long, device=text.device)
     if parts.pool_type == "eos":
         is_eos = text == torch.tensor(parts.eos_id, device=text.device)
-        return x[rows, is_eos.int().argmax(dim=-1)]
-    return x[rows, text.argmax(dim=-1)]  # argmax: EOT has the highest id
+        return is_eos.int().argmax(dim=-1)
+    return text.argmax(dim=-1)  # argmax: EOT has the highest id
+
+
+def _pool(parts: _TextParts, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x[rows, _pooled_positions(parts, text)]
+
+
+def _project(parts: _TextParts, pooled: torch.Tensor) -> torch.Tensor:
+    if parts.text_projection is None:
+        return pooled
+    if isinstance(parts.text_projection, nn.Linear):
+        return parts.text_projection(pooled)
+    return pooled @ parts.text_projection  # [B, embed_dim]
 
 
 def _cls_forward(
@@ -125,12 +144,7 @@ def _cls_forward(
         x = run_blocks(parts.transformer, x, attn_mask=mask[:, None])  # heads broadcast
     else:
         x = parts.transformer(x, attn_mask=mask.repeat_interleave(parts.heads, dim=0))
-    pooled = parts.ln_final(x[:, -1])
-    if parts.text_projection is not None:
-        if isinstance(parts.text_projection, nn.Linear):
-            pooled = parts.text_projection(pooled)
-        else:
-            pooled = pooled @ parts.text_projection
+    pooled = _project(parts, parts.ln_final(x[:, -1]))
     ids = text[:, :length]
     return TextOutput(pooled, x[:, :-1], ids != parts.pad_id, ids)
 
@@ -223,13 +237,40 @@ def text_forward(
     else:
         x = parts.transformer(x, attn_mask=causal)
     x = parts.ln_final(x)  # [B, L, width]
-    pooled = _pool(parts, x, text)  # [B, width]
-    if parts.text_projection is not None:
-        if isinstance(parts.text_projection, nn.Linear):
-            pooled = parts.text_projection(pooled)
-        else:
-            pooled = pooled @ parts.text_projection  # [B, embed_dim]
+    pooled = _project(parts, _pool(parts, x, text))  # [B, embed_dim]
     return TextOutput(pooled, x, text != parts.pad_id, text)
+
+
+def pooled_text(
+    model: nn.Module, text: torch.Tensor, *, compiled: CompiledBlocks | None = None
+) -> torch.Tensor:
+    """`text_forward(...).pooled` (projected, not normalised): what a search query needs.
+
+    Where the blocks are plain and causal (CLIP), rows of different lengths run packed: each
+    row only up to its pooled position, laid end to end, so that no projection or MLP works on
+    padding (a batch of search queries is about a quarter padding when padded to its longest).
+    The attention sees the same positions as the trimmed path, so the numbers are the same."""
+    parts = _TextParts(model)
+    packable = (
+        compiled is None
+        and text.shape[0] > 1
+        and parts.cls_emb is None
+        and parts.trimmable
+        and _fast_blocks(parts)
+        and _causal_prefix(parts, text.shape[1])
+    )
+    if not packable:
+        return text_forward(model, text, compiled=compiled).pooled
+    ends = _pooled_positions(parts, text)  # causal: nothing after these matters
+    packing = Packing.of_lengths(ends + 1)
+    ids = text[:, : packing.length].reshape(-1).index_select(0, packing.index)  # [T]
+    positions = packing.index % packing.length
+    cast_dtype = _cast_dtype(parts, fast=True)
+    x = parts.token_embedding(ids).to(cast_dtype)  # [T, width]
+    x = x + parts.positional_embedding[positions].to(cast_dtype)
+    x = run_blocks(parts.transformer, x, is_causal=True, packing=packing)
+    last = torch.cumsum(ends + 1, dim=0) - 1  # each row's pooled token in the packed order
+    return _project(parts, parts.ln_final(x.index_select(0, last)))
 
 
 def text_transformer(model: nn.Module) -> nn.Module:

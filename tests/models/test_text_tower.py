@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.factory import EncoderSpec, load_encoder, register_builtin_configs
-from models.text_blocks import CompiledBlocks, bf16_matmuls, fast_blocks_supported
-from models.text_tower import text_forward, text_transformer
+from models.text_blocks import CompiledBlocks, Packing, bf16_matmuls, fast_blocks_supported
+from models.text_tower import pooled_text, text_forward, text_transformer
 from tests.conftest import tiny_clip
 
 TEXTS = [
@@ -90,6 +90,48 @@ def test_unsupported_blocks_use_the_stock_forward() -> None:
         stock, _ = _stock(model, tokens)
         out = text_forward(model, tokens).pooled
     torch.testing.assert_close(out, stock, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "custom_text"), [("clip", False), ("clip", True), ("ViT-B-32", False)]
+)
+def test_packed_rows_match_the_padded_batch(name: str, custom_text: bool) -> None:
+    model = _model(name, custom_text)
+    tokens = open_clip.get_tokenizer(name if name != "clip" else "xmodal-tiny")(TEXTS)
+    lengths = [int(n) for n in (tokens != 0).sum(dim=1)]
+    packings: list[Packing] = []
+    real = Packing.of_lengths
+
+    def spy(row_lengths: torch.Tensor) -> Packing:
+        packings.append(real(row_lengths))
+        return packings[-1]
+
+    with torch.no_grad():
+        stock, _ = _stock(model, tokens)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Packing, "of_lengths", staticmethod(spy))
+            patch.setattr(nn.MultiheadAttention, "forward", _refuse_attention)
+            packed = pooled_text(model, tokens)
+            single = pooled_text(model, tokens[:1])  # one row: nothing to pack
+        # Packed: every row up to its EOT and not one pad token more.
+        assert len(packings) == 1 and packings[0].index.numel() == sum(lengths)
+        torch.testing.assert_close(packed, stock, atol=1e-5, rtol=0)
+        torch.testing.assert_close(single, stock[:1], atol=1e-5, rtol=0)
+        bf16_matmuls(text_transformer(model))
+        padded = text_forward(model, tokens).pooled
+        packed = pooled_text(model, tokens)
+    assert _cosine(packed, stock) >= 0.9999
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+
+
+def test_towers_with_a_cls_token_are_not_packed() -> None:
+    model = _model("xmodal-tiny", custom_text=False)
+    tokens = open_clip.get_tokenizer("xmodal-tiny")(TEXTS)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Packing, "of_lengths", staticmethod(_refuse_attention))
+        pooled = pooled_text(model, tokens)
+        stock, _ = _stock(model, tokens)
+    torch.testing.assert_close(pooled, stock, atol=1e-5, rtol=0)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
