@@ -3,7 +3,9 @@
 One `DynamicBatcher` per model call. Requests enter a bounded queue as (item, future); one
 worker task cuts a batch at `max_batch_size` items or `max_wait_ms` after the first item,
 runs the batch function on a dedicated thread (never on the event loop), and resolves every
-future. A failed batch fails every future in it. A full queue refuses at once (503).
+future. A failed batch fails every future in it. A full queue refuses at once (503). An item
+submitted with a deadline (a search query) that queueing has made miss it is refused with 503
+when its batch is formed, instead of being computed late.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from app.errors import Overloaded, TooLarge
-from app.metrics import BATCH_SIZE, QUEUE_DEPTH
+from app.metrics import BATCH_SIZE, QUEUE_DEPTH, SHED
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ class Batcher(Protocol[In_contra, Out]):
 
     async def submit(self, item: In_contra) -> Out: ...
 
-    async def submit_many(self, items: Sequence[In_contra]) -> list[Out]: ...
+    async def submit_many(
+        self, items: Sequence[In_contra], *, deadline_s: float | None = None
+    ) -> list[Out]: ...
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Pending(Generic[In, Out]):
     item: In
     future: asyncio.Future[Out]
     enqueued: float
+    deadline: float | None = None  # monotonic time by which it should be answered
 
 
 async def wait_for_result(future: asyncio.Future[Out], name: str, timeout_s: float) -> Out:
@@ -85,6 +90,8 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
+        # A forward pass's duration, averaged over recent batches (0 before the first).
+        self._batch_s = 0.0
         # One thread per batcher: torch parallelises inside the op, not across batches.
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
         self._owns_executor = executor is None
@@ -120,12 +127,18 @@ class DynamicBatcher(Generic[In, Out]):
         return 0 if self._queue is None else self._queue.qsize()
 
     # -- request side ----------------------------------------------------------------------
-    async def submit(self, item: In) -> Out:
+    async def submit(self, item: In, *, deadline_s: float | None = None) -> Out:
+        """`deadline_s`: seconds from now within which the result is wanted; an item that
+        the queue made miss it is refused (503) rather than computed late (`_too_late`).
+        Only for interactive requests: a request of many items waits for its own earlier
+        items by design."""
         if self._queue is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        deadline = None if deadline_s is None else now + deadline_s
         try:
-            self._queue.put_nowait(_Pending(item, future, time.monotonic()))
+            self._queue.put_nowait(_Pending(item, future, now, deadline))
         except asyncio.QueueFull:
             raise Overloaded(
                 f"the {self.name} queue is full ({self.max_queue} waiting); retry shortly",
@@ -134,7 +147,9 @@ class DynamicBatcher(Generic[In, Out]):
         QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
         return await wait_for_result(future, self.name, self.request_timeout_s)
 
-    async def submit_many(self, items: Sequence[In]) -> list[Out]:
+    async def submit_many(
+        self, items: Sequence[In], *, deadline_s: float | None = None
+    ) -> list[Out]:
         """All or nothing: a request that does not fit the queue enqueues none of its items."""
         if self._queue is not None:
             if len(items) > self.max_queue:
@@ -146,27 +161,62 @@ class DynamicBatcher(Generic[In, Out]):
                     f"the {self.name} queue is full ({self.max_queue} waiting); retry shortly",
                     retry_after_s=1.0,
                 )
-        return list(await asyncio.gather(*(self.submit(item) for item in items)))
+        return list(
+            await asyncio.gather(*(self.submit(item, deadline_s=deadline_s) for item in items))
+        )
 
     # -- worker side -----------------------------------------------------------------------
+    def _record_duration(self, seconds: float) -> None:
+        # A moving average over the last few batches: follows a change of load within a
+        # second or so, and one odd batch (a first call, a pause) moves it by a fifth.
+        self._batch_s = seconds if not self._batch_s else 0.8 * self._batch_s + 0.2 * seconds
+
+    def _too_late(self, pending: _Pending[In, Out]) -> bool:
+        """Refuse (503) an item that queueing has made miss its deadline: one more batch would
+        end past it. Under overload the queue then holds what can be served in time, and
+        clients hear to back off instead of waiting. When the model alone is slower than the
+        deadline, only an item that queued a whole batch is refused: that one would have
+        waited twice the time a request takes on an idle server."""
+        if pending.deadline is None or pending.future.done():
+            return False
+        now = time.monotonic()
+        waited = now - pending.enqueued
+        if self._batch_s < pending.deadline - pending.enqueued:
+            late = now + self._batch_s > pending.deadline
+        else:
+            late = waited >= self._batch_s
+        if not late:
+            return False
+        SHED.labels(self.name).inc()
+        pending.future.set_exception(
+            Overloaded(
+                f"the {self.name} queue could not answer in time (waited "
+                f"{waited * 1000:.0f} ms); retry shortly",
+                retry_after_s=1.0,
+            )
+        )
+        return True
+
     async def _collect(self) -> list[_Pending[In, Out]]:
         assert self._queue is not None
         first = await self._queue.get()
+        while self._too_late(first):
+            first = await self._queue.get()
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
-                batch.append(self._queue.get_nowait())
-                continue
+                pending = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    pending = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if not self._too_late(pending):
+                batch.append(pending)
         return batch
 
     async def _run(self) -> None:
@@ -180,10 +230,12 @@ class DynamicBatcher(Generic[In, Out]):
             if not live:
                 continue
             BATCH_SIZE.labels(self.name).observe(len(live))
+            started = time.monotonic()
             try:
                 outputs = await loop.run_in_executor(
                     self._executor, self._fn, [p.item for p in live]
                 )
+                self._record_duration(time.monotonic() - started)
                 if len(outputs) != len(live):
                     raise RuntimeError(
                         f"{self.name}: batch function returned {len(outputs)} results "

@@ -41,6 +41,12 @@ class BatchSettings(BaseModel):
     max_queue: int = Field(256, ge=1, le=100_000)
     # A request waiting longer than this in the queue gets a 503 instead of a hang.
     request_timeout_s: float = Field(30.0, gt=0)
+    # A text search query that, for having queued, would be answered later than this after it
+    # arrived is refused with 503 + Retry-After when its batch forms, instead of being
+    # computed late: under overload clients hear to back off and the queue keeps only what
+    # can be served in time. 0 = no deadline. Only search queries carry it: uploads and embedding
+    # requests of many items wait for their own earlier items by design.
+    query_deadline_ms: float = Field(250.0, ge=0)
 
 
 class LimitSettings(BaseModel):

@@ -19,6 +19,11 @@ BATCH_SIZE = Histogram(
     ["batcher"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+SHED = Counter(
+    "xmodal_batch_shed_total",
+    "Requests refused with 503 because the queue ahead held more than the allowed delay.",
+    ["batcher"],
+)
 QUEUE_DEPTH = Gauge("xmodal_queue_depth", "Requests waiting in a batcher queue.", ["batcher"])
 INDEX_SIZE = Gauge("xmodal_index_vectors", "Vectors searchable in each index.", ["index"])
 ITEMS_ADDED = Counter("xmodal_items_added_total", "Items stored, by kind.", ["kind"])

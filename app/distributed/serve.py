@@ -191,7 +191,10 @@ class RemoteModelCall:
         finally:
             self.in_flight -= 1
 
-    async def submit_many(self, items: Sequence[Any]) -> list[Any]:
+    async def submit_many(
+        self, items: Sequence[Any], *, deadline_s: float | None = None
+    ) -> list[Any]:
+        # Deadlines are a local batcher's: the replicas batch on their own side.
         return list(await asyncio.gather(*(self.submit(item) for item in items)))
 
     # -- one remote call, retried once if its replica died ----------------------------------

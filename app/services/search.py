@@ -152,7 +152,8 @@ async def search_by_text(
     _check_k(library, k, rerank, rerank_k)
     _check_filter(filter_)
     reranker = _reranker(backend) if rerank else None
-    vector = await backend.queries.encode(query)
+    deadline_ms = library.settings.batch.query_deadline_ms
+    vector = await backend.queries.encode(query, deadline_s=deadline_ms / 1000 or None)
     depth = _rerank_budget(library, k, rerank_k) if rerank else k
     found = await to_thread.run_sync(_search, library, library.images, vector, depth, filter_)
     hits = [Hit(item, score) for item, score in found]

@@ -15,6 +15,7 @@ import pytest
 from app.batching import DynamicBatcher
 from app.errors import Overloaded
 from app.main import create_app
+from app.metrics import SHED
 from models.encoder import Encoder
 from tests.conftest import image_bytes, make_settings
 
@@ -136,6 +137,108 @@ async def test_full_queue_answers_at_once() -> None:
     finally:
         gate.set()
         await batcher.stop()
+
+
+async def test_a_query_that_would_miss_its_deadline_is_refused_not_computed() -> None:
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def slow(items: list[int]) -> list[int]:
+        gate.wait(5)
+        time.sleep(0.05)  # the batch duration the batcher learns
+        seen.extend(items)
+        return items
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        "t", slow, max_batch_size=1, max_wait_ms=0, max_queue=64
+    )
+    batcher.start()
+    try:
+        gate.set()
+        assert await batcher.submit(0, deadline_s=0.1) == 0  # in time; teaches the duration
+        gate.clear()
+        held = asyncio.ensure_future(batcher.submit(1))  # the worker takes it and waits
+        while batcher.depth:
+            await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(batcher.submit(2, deadline_s=0.1))
+        patient = asyncio.ensure_future(batcher.submit(3))  # no deadline: waits its turn
+        roomy = asyncio.ensure_future(batcher.submit(4, deadline_s=10))
+        shed_before = SHED.labels("t")._value.get()
+        await asyncio.sleep(0.2)  # item 2 has now waited past its deadline
+        gate.set()
+        assert await held == 1
+        with pytest.raises(Overloaded) as refused:
+            await late
+        assert refused.value.retry_after_s and "in time" in str(refused.value)
+        assert await patient == 3 and await roomy == 4
+    finally:
+        gate.set()
+        await batcher.stop()
+    assert 2 not in seen and seen[-2:] == [3, 4]  # refused items cost no forward pass
+    assert SHED.labels("t")._value.get() == shed_before + 1
+
+
+async def test_a_model_slower_than_the_deadline_still_answers_an_idle_queue() -> None:
+    gate = threading.Event()
+    gate.set()
+
+    def very_slow(items: list[int]) -> list[int]:
+        gate.wait(5)
+        time.sleep(0.15)
+        return items
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        "t", very_slow, max_batch_size=1, max_wait_ms=0, max_queue=64
+    )
+    batcher.start()
+    try:
+        # Each waits less than a batch before its own runs: the deadline is missed by the
+        # model, not by queueing, and refusing would only turn every query away.
+        for i in range(3):
+            assert await batcher.submit(i, deadline_s=0.01) == i
+        # One that queues behind a batch held for longer than a batch takes is refused.
+        gate.clear()
+        held = asyncio.ensure_future(batcher.submit(3))
+        while batcher.depth:
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.submit(4, deadline_s=0.01))
+        await asyncio.sleep(0.4)
+        gate.set()
+        assert await held == 3
+        with pytest.raises(Overloaded):
+            await queued
+    finally:
+        gate.set()
+        await batcher.stop()
+
+
+async def test_http_text_search_past_its_deadline_is_503(encoder: Encoder, tmp_path: Path) -> None:
+    batch = {"max_batch_size": 1, "max_wait_ms": 0, "query_deadline_ms": 1}
+    settings = make_settings(tmp_path / "d", batch=batch, cache={"query_vectors": 0})
+    app = create_app(settings, encoder=encoder)
+    async with app.router.lifespan_context(app):
+        client = await _ready_client(app)
+        gate = threading.Event()
+        batcher = app.state.runtime.backend.text_encoder
+        real = batcher._fn
+        batcher._fn = lambda items: (gate.wait(5), real(items))[1]
+        async with client:
+            pending = [
+                asyncio.ensure_future(
+                    client.post("/v1/search/text", json={"query": f"q{i}", "k": 1})
+                )
+                for i in range(4)
+            ]
+            await asyncio.sleep(0.3)
+            gate.set()
+            responses = await asyncio.gather(*pending)
+            after = await client.post("/v1/search/text", json={"query": "later", "k": 1})
+            embed = await client.post("/v1/embed/text", json={"texts": ["no deadline"]})
+    codes = sorted(r.status_code for r in responses)
+    assert codes[0] == 200 and 503 in codes  # the one running is answered
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] and refused.json()["error"]["code"] == "overloaded"
+    assert after.status_code == 200 and embed.status_code == 200
 
 
 async def test_cancelled_requests_are_skipped() -> None:
