@@ -1,10 +1,13 @@
 """Text tower speed per batch size: stock open_clip vs the project's forwards, against the peak.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/text_tower.py [--model ViT-B-32] [--seconds 1]
-        [--batches 1,8,16,32] [--tokens 11] [--rounds 2] [--compile] [--json out.json]
+        [--batches 1,8,16,32] [--tokens 11 | --mixed 5,11] [--rounds 2] [--compile]
+        [--json out.json]
 
 Every text in a batch is a query of `--tokens` tokens (SOT and EOT included) padded to the
-model's context, as the tokenizer gives it. Variants (random weights: speed does not depend on
+model's context, as the tokenizer gives it; with `--mixed LO,HI` each text's length is drawn
+between LO and HI (bench/serve_load.py's queries are 5 to 11), and the FLOPs counted are those
+of the real tokens (the useful work; padded variants run more). Variants (random weights: speed does not depend on
 their values):
 
 - `stock`: open_clip's `model.encode_text` (full context, nn.MultiheadAttention), fp32;
@@ -15,6 +18,8 @@ their values):
 - `sdpa-bf16mm`: bfloat16 projections, float32 residual stream and LayerNorms
   (`bf16_matmuls`: what precision `bf16-text` runs);
 - `sdpa-autocast`: fp32 weights under `torch.autocast("cpu", bfloat16)`;
+- `packed-bf16mm`: `pooled_text`, what the server runs: as `sdpa-bf16mm`, with the rows of a
+  batch laid end to end so that no projection or MLP works on padding;
 - `compiled-bf16mm` (`--compile`): `sdpa-bf16mm` with the blocks under `torch.compile`; the
   compile time of each new shape is printed and kept out of the timing.
 
@@ -43,7 +48,7 @@ import torch
 
 from models.factory import register_builtin_configs
 from models.text_blocks import CompiledBlocks, bf16_matmuls
-from models.text_tower import text_forward, text_transformer
+from models.text_tower import pooled_text, text_forward, text_transformer
 
 
 def matmul_peak(dtype: torch.dtype, n: int, seconds: float) -> float:
@@ -76,15 +81,19 @@ def tower_flops(model: Any, batch: int, length: int) -> float:
     return batch * (length * per_token * int(transformer.layers) + 2 * width * embed)
 
 
-def query_tokens(model: Any, batch: int, tokens: int) -> torch.Tensor:
-    """[batch, context] ids: SOT, tokens - 2 word ids, EOT (the highest id), then padding."""
+def query_tokens(model: Any, batch: int, tokens: int | tuple[int, int]) -> torch.Tensor:
+    """[batch, context] ids: SOT, tokens - 2 word ids, EOT (the highest id), then padding;
+    `tokens` a (low, high) pair draws each row's length between the two."""
     context = int(model.context_length if hasattr(model, "context_length") else 77)
     vocab = int(model.vocab_size if hasattr(model, "vocab_size") else 49408)
     gen = torch.Generator().manual_seed(0)
+    low, high = (tokens, tokens) if isinstance(tokens, int) else tokens
+    lengths = torch.randint(low, high + 1, (batch,), generator=gen)
     ids = torch.zeros(batch, context, dtype=torch.long)
     ids[:, 0] = vocab - 2
-    ids[:, 1 : tokens - 1] = torch.randint(1, vocab - 2, (batch, tokens - 2), generator=gen)
-    ids[:, tokens - 1] = vocab - 1
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, 1 : length - 1] = torch.randint(1, vocab - 2, (length - 2,), generator=gen)
+        ids[row, length - 1] = vocab - 1
     return ids
 
 
@@ -99,6 +108,7 @@ def variants(model: Any, compile_blocks: bool) -> dict[str, Callable[[torch.Tens
         "sdpa": lambda t: text_forward(model, t),
         "sdpa-bf16": lambda t: text_forward(low, t),
         "sdpa-bf16mm": lambda t: text_forward(mixed, t),
+        "packed-bf16mm": lambda t: pooled_text(mixed, t),
     }
 
     def autocast(t: torch.Tensor) -> Any:
@@ -117,6 +127,7 @@ def main() -> None:
     p.add_argument("--model", default="ViT-B-32", help="open_clip name or xmodal-tiny")
     p.add_argument("--batches", default="1,8,16,32")
     p.add_argument("--tokens", type=int, default=11, help="query length, SOT and EOT included")
+    p.add_argument("--mixed", help="LO,HI: each text's length drawn between the two")
     p.add_argument("--seconds", type=float, default=1.0, help="timing per variant and round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
@@ -141,10 +152,15 @@ def main() -> None:
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
+    lengths: int | tuple[int, int] = args.tokens
+    if args.mixed:
+        low, high = (int(x) for x in args.mixed.split(","))
+        lengths = (low, high)
+    texts = {batch: query_tokens(model, batch, lengths) for batch in batches}
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
         for batch in batches:
-            text = query_tokens(model, batch, args.tokens)
+            text = texts[batch]
             for name, fn in runs.items():  # warm-up (and compile) once per shape
                 start = time.perf_counter()
                 fn(text)
@@ -161,15 +177,19 @@ def main() -> None:
                         calls.append(time.perf_counter() - start)
                         if time.perf_counter() >= end:
                             break
-    context = int(query_tokens(model, 1, args.tokens).shape[1])
+    context = int(texts[batches[0]].shape[1])
     rows = []
     print(f"{'variant':>14} {'batch':>5} {'ms':>9} {'min ms':>9} {'GFLOP':>7} {'GFLOP/s':>8} "
           f"{'%fp32':>6} {'%bf16':>6}")  # fmt: skip
     for (name, batch), calls in times.items():
         ms = statistics.median(calls) * 1e3
         best = min(calls) * 1e3
-        length = context if name == "stock" else args.tokens
-        gflop = tower_flops(model, batch, length) / 1e9
+        if args.mixed:  # the real tokens, whatever the variant runs
+            real = (texts[batch] != 0).sum(dim=1).tolist()
+            gflop = sum(tower_flops(model, 1, n) for n in real) / 1e9
+        else:
+            length = context if name == "stock" else args.tokens
+            gflop = tower_flops(model, batch, length) / 1e9
         rate = gflop / ms * 1e3
         row = {"variant": name, "batch": batch, "ms": ms, "min_ms": best, "calls": len(calls), "gflop": gflop,
                "gflops": rate, "frac_fp32": rate / peak["fp32"], "frac_bf16": rate / peak["bf16"]}  # fmt: skip
