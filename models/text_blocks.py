@@ -95,11 +95,16 @@ class Packing:
     length: int
 
     @classmethod
+    def of_grid(cls, kept: torch.Tensor) -> Packing:
+        """`kept` [batch, length] bool: the grid positions that hold a token."""
+        batch, length = kept.shape
+        return cls(kept.reshape(-1).nonzero().squeeze(1), int(batch), int(length))
+
+    @classmethod
     def of_lengths(cls, lengths: torch.Tensor) -> Packing:
         """Row i keeps its first `lengths[i]` positions."""
         length = int(lengths.max())
-        grid = torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
-        return cls(grid.reshape(-1).nonzero().squeeze(1), int(lengths.shape[0]), length)
+        return cls.of_grid(torch.arange(length, device=lengths.device)[None, :] < lengths[:, None])
 
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
         """[T, C] -> [batch, length, C], zeros where a row has no token."""

@@ -246,20 +246,16 @@ def pooled_text(
 ) -> torch.Tensor:
     """`text_forward(...).pooled` (projected, not normalised): what a search query needs.
 
-    Where the blocks are plain and causal (CLIP), rows of different lengths run packed: each
-    row only up to its pooled position, laid end to end, so that no projection or MLP works on
-    padding (a batch of search queries is about a quarter padding when padded to its longest).
-    The attention sees the same positions as the trimmed path, so the numbers are the same."""
+    Where the blocks are plain, rows of different lengths run packed: each row only up to the
+    last position its pooled feature depends on, laid end to end, so that no projection or
+    MLP works on padding (a batch of search queries is about a quarter padding when padded to
+    its longest). The attention sees the same keys as the padded batch, so the numbers are
+    the same."""
     parts = _TextParts(model)
-    packable = (
-        compiled is None
-        and text.shape[0] > 1
-        and parts.cls_emb is None
-        and parts.trimmable
-        and _fast_blocks(parts)
-        and _causal_prefix(parts, text.shape[1])
-    )
-    if not packable:
+    packable = compiled is None and text.shape[0] > 1 and parts.trimmable and _fast_blocks(parts)
+    if packable and parts.cls_emb is not None:
+        return _packed_cls_pooled(parts, text)
+    if not packable or not _causal_prefix(parts, text.shape[1]):
         return text_forward(model, text, compiled=compiled).pooled
     ends = _pooled_positions(parts, text)  # causal: nothing after these matters
     packing = Packing.of_lengths(ends + 1)
@@ -271,6 +267,36 @@ def pooled_text(
     x = run_blocks(parts.transformer, x, is_causal=True, packing=packing)
     last = torch.cumsum(ends + 1, dim=0) - 1  # each row's pooled token in the packed order
     return _project(parts, parts.ln_final(x.index_select(0, last)))
+
+
+def _packed_cls_pooled(parts: _TextParts, text: torch.Tensor) -> torch.Tensor:
+    """`pooled_text` for CoCa's tower: row i keeps the context positions up to its last valid
+    key (see `_cls_forward` for both mask layouts), then its CLS token, which sits in the
+    grid's last column as in the padded batch; positions dropped were masked keys there."""
+    batch, context = text.shape
+    valid = text != parts.pad_id
+    ones = valid.new_ones(batch, 1)
+    keys = torch.cat([valid, ones] if parts.correct_cls_mask else [ones, valid], dim=1)
+    slots = torch.arange(1, context + 1, device=text.device)
+    needed = (keys[:, :context] * slots).amax(dim=1)  # one past each row's last valid key
+    length = int(needed.max())
+    kept = torch.ones(batch, length + 1, dtype=torch.bool, device=text.device)
+    kept[:, :length] = slots[None, :length] <= needed[:, None]
+    packing = Packing.of_grid(kept)
+    rows, columns = packing.index // (length + 1), packing.index % (length + 1)
+    is_cls = columns == length
+    slot = torch.cat([torch.arange(length, device=text.device), slots.new_tensor([context])])
+    cast_dtype = _cast_dtype(parts, fast=True)
+    cls_emb: Any = parts.cls_emb
+    x = parts.token_embedding(text[rows, columns.clamp(max=max(length - 1, 0))]).to(cast_dtype)
+    x[is_cls] = cls_emb.to(cast_dtype).reshape(1, -1)
+    x = x + parts.positional_embedding[slot[columns]].to(cast_dtype)
+    causal = parts.attn_mask[slot][:, slot].to(cast_dtype)  # [length + 1, length + 1]
+    additive = torch.zeros(batch, 1, length + 1, dtype=cast_dtype, device=text.device)
+    additive = additive.masked_fill(~keys[:, slot][:, None, :], float("-inf"))
+    mask = causal[None] + additive
+    x = run_blocks(parts.transformer, x, attn_mask=mask[:, None], packing=packing)
+    return _project(parts, parts.ln_final(x[is_cls]))
 
 
 def text_transformer(model: nn.Module) -> nn.Module:

@@ -124,14 +124,31 @@ def test_packed_rows_match_the_padded_batch(name: str, custom_text: bool) -> Non
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
 
 
-def test_towers_with_a_cls_token_are_not_packed() -> None:
+@pytest.mark.parametrize("correct_cls_mask", [True, False])
+def test_packed_rows_match_for_a_tower_with_a_cls_token(correct_cls_mask: bool) -> None:
+    """CoCa's text tower, in both of open_clip's key-mask layouts (the legacy one, which
+    pretrained CoCa weights use, lets the CLS token see one pad position per row)."""
     model = _model("xmodal-tiny", custom_text=False)
+    model.text.correct_cls_mask = correct_cls_mask
     tokens = open_clip.get_tokenizer("xmodal-tiny")(TEXTS)
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Packing, "of_lengths", staticmethod(_refuse_attention))
-        pooled = pooled_text(model, tokens)
+    valid = (tokens != 0).sum(dim=1)
+    packings: list[Packing] = []
+    real = Packing.of_grid
+
+    def spy(kept: torch.Tensor) -> Packing:
+        packings.append(real(kept))
+        return packings[-1]
+
+    with torch.no_grad():
         stock, _ = _stock(model, tokens)
-    torch.testing.assert_close(pooled, stock, atol=1e-5, rtol=0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Packing, "of_grid", staticmethod(spy))
+            patch.setattr(nn.MultiheadAttention, "forward", _refuse_attention)
+            packed = pooled_text(model, tokens)
+    extra = 0 if correct_cls_mask else 1  # the pad position the legacy layout keeps
+    expected = int((torch.clamp(valid + extra, max=tokens.shape[1]) + 1).sum())  # + CLS
+    assert len(packings) == 1 and packings[0].index.numel() == expected
+    torch.testing.assert_close(packed, stock, atol=1e-5, rtol=0)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
