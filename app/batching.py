@@ -54,6 +54,7 @@ class _Pending(Generic[In, Out]):
     future: asyncio.Future[Out]
     enqueued: float
     deadline: float | None = None  # monotonic time by which it should be answered
+    taken: bool = False  # in a batch that is running
 
 
 async def wait_for_result(future: asyncio.Future[Out], name: str, timeout_s: float) -> Out:
@@ -82,8 +83,12 @@ class DynamicBatcher(Generic[In, Out]):
         max_wait_ms: float,
         max_queue: int,
         request_timeout_s: float = 30.0,
+        workers: int = 1,
+        worker_init: Callable[[], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
+        """`workers`: batches run at once, each on its own thread (`worker_init` runs first on
+        each, e.g. to give it its share of the cores)."""
         self.name = name
         self._fn = fn
         self.max_batch_size = max_batch_size
@@ -92,28 +97,35 @@ class DynamicBatcher(Generic[In, Out]):
         self.request_timeout_s = request_timeout_s
         # A forward pass's duration, averaged over recent batches (0 before the first).
         self._batch_s = 0.0
-        # One thread per batcher: torch parallelises inside the op, not across batches.
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        self.workers = workers
+        self._executor = executor or ThreadPoolExecutor(
+            workers, thread_name_prefix=f"batch-{name}", initializer=worker_init
+        )
         self._owns_executor = executor is None
         self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.batches_run = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self._worker is not None:
+        if self._tasks:
             return
         self._queue = asyncio.Queue(maxsize=self.max_queue)
-        self._worker = asyncio.get_running_loop().create_task(
-            self._run(), name=f"batcher-{self.name}"
-        )
+        loop = asyncio.get_running_loop()
+        # Each worker collects its own batch from the shared queue, so while one computes the
+        # next batch forms behind it and runs on another thread.
+        self._tasks = [
+            loop.create_task(self._run(), name=f"batcher-{self.name}-{i}")
+            for i in range(self.workers)
+        ]
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await task
+        self._tasks = []
         if self._queue is not None:
             while not self._queue.empty():
                 pending = self._queue.get_nowait()
@@ -136,15 +148,26 @@ class DynamicBatcher(Generic[In, Out]):
             raise RuntimeError(f"batcher {self.name} is not started")
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        deadline = None if deadline_s is None else now + deadline_s
+        pending = _Pending(item, future, now, None if deadline_s is None else now + deadline_s)
         try:
-            self._queue.put_nowait(_Pending(item, future, now, deadline))
+            self._queue.put_nowait(pending)
         except asyncio.QueueFull:
             raise Overloaded(
                 f"the {self.name} queue is full ({self.max_queue} waiting); retry shortly",
                 retry_after_s=1.0,
             ) from None
         QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
+        if deadline_s is not None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), deadline_s)
+            except asyncio.TimeoutError:
+                # Still queued at its deadline: refused now, not when a batch reaches it.
+                # One in a running batch is nearly done and worth its wait.
+                if not pending.taken:
+                    self._refuse(pending)
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
         return await wait_for_result(future, self.name, self.request_timeout_s)
 
     async def submit_many(
@@ -185,9 +208,15 @@ class DynamicBatcher(Generic[In, Out]):
             late = now + self._batch_s > pending.deadline
         else:
             late = waited >= self._batch_s
-        if not late:
-            return False
+        if late:
+            self._refuse(pending)
+        return late
+
+    def _refuse(self, pending: _Pending[In, Out]) -> None:
+        if pending.future.done():
+            return
         SHED.labels(self.name).inc()
+        waited = time.monotonic() - pending.enqueued
         pending.future.set_exception(
             Overloaded(
                 f"the {self.name} queue could not answer in time (waited "
@@ -195,7 +224,6 @@ class DynamicBatcher(Generic[In, Out]):
                 retry_after_s=1.0,
             )
         )
-        return True
 
     async def _collect(self) -> list[_Pending[In, Out]]:
         assert self._queue is not None
@@ -229,6 +257,8 @@ class DynamicBatcher(Generic[In, Out]):
             live = [p for p in batch if not p.future.done()]
             if not live:
                 continue
+            for pending in live:
+                pending.taken = True
             BATCH_SIZE.labels(self.name).observe(len(live))
             started = time.monotonic()
             try:
