@@ -93,6 +93,10 @@ class CacheSettings(BaseModel):
     # search need not read SQLite for items returned recently. Measured 1.7 KiB per image with
     # five metadata fields: 20,000 hold about 35 MiB. Deletes drop their row before answering.
     result_rows: int = Field(20_000, ge=0, le=100_000_000)
+    # Answers of recent metadata filters (LRU, in ids held; 8 bytes each; 0 disables): a filter
+    # seen recently skips its SQL (31 ms for one matching 194k of 1M items) and is brought up to
+    # date from the change log. 4M ids hold about 32 MiB.
+    filter_ids: int = Field(4_000_000, ge=0, le=1_000_000_000)
 
 
 class Settings(BaseSettings):

@@ -24,7 +24,7 @@ from app.batching import Batcher, DynamicBatcher
 from app.config import Settings
 from app.errors import NotReady
 from app.library import Library, with_remembered_model
-from app.metrics import INDEX_SIZE, ROW_CACHE
+from app.metrics import FILTER_CACHE, INDEX_SIZE, ROW_CACHE
 from app.query_cache import QueryCache
 from app.services import forward_passes
 from app.services.query_vectors import QueryEncoder
@@ -157,6 +157,8 @@ class Runtime:
                 library = await opening
             rows = library.store.rows
             ROW_CACHE.source = lambda: (len(rows), rows.hits, rows.misses)
+            filters = library.store.filters
+            FILTER_CACHE.source = lambda: (len(filters), filters.hits, filters.misses)
             if self._backend_factory is None:
                 backend = self._start_backend(library)
                 self._warmer = asyncio.get_running_loop().create_task(
@@ -257,6 +259,7 @@ class Runtime:
     async def stop(self) -> None:
         backend, self.backend = self.backend, None
         ROW_CACHE.source = None
+        FILTER_CACHE.source = None
         for task in (self._warmer, self._saver, self._loader):
             if task is not None and not task.done():
                 task.cancel()
