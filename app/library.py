@@ -86,6 +86,8 @@ def collection_policy(settings: Settings) -> CollectionPolicy:
             ivf_nprobe=ix.ivf_nprobe,
         ),
         save_every_changes=ix.save_every_changes,
+        save_share=ix.save_share,
+        save_pace=ix.save_pace,
     )
 
 
