@@ -104,11 +104,13 @@ class Runtime:
         settings: Settings,
         *,
         on_startup_failure: Callable[[str], None] | None = None,
+        on_loaded: Callable[[], None] | None = None,
         backend_factory: BackendFactory | None = None,
     ) -> None:
         self.settings = settings
         self._backend_factory = backend_factory
         self._on_startup_failure = on_startup_failure
+        self._on_loaded = on_loaded
         self.backend: Backend | None = None
         self.startup_error: str | None = None
         self._loader: asyncio.Task[None] | None = None
@@ -171,6 +173,8 @@ class Runtime:
                         batcher.start()
             self._saver = asyncio.get_running_loop().create_task(self._save_periodically(library))
             backend.after_write()
+            if self._on_loaded is not None:
+                self._on_loaded()  # before ready: no request waits behind it
             self.backend = backend
             log.info("ready: %s", backend.counts())
         except Exception as exc:
