@@ -117,7 +117,8 @@ ExactVectors = Callable[[np.ndarray], np.ndarray]
 
 
 class VectorIndex:
-    """Thread-safe. One instance per (kind of item) collection.
+    """Thread-safe: searches run in parallel; a change waits for them and holds new ones back.
+    One instance per (kind of item) collection.
 
     `exact_vectors(ids) -> [len(ids), dim]` gives the stored vectors; IVF-PQ uses it to re-score
     its candidates exactly.
