@@ -7,6 +7,7 @@ Settings class; a flag given on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -67,6 +68,17 @@ def _encoder_spec(args: argparse.Namespace) -> Any:
 
 
 # -- commands ------------------------------------------------------------------------------
+def freeze_what_is_loaded() -> None:
+    """The server's model, indexes and framework, loaded once, live as long as the process:
+    take them out of the cyclic garbage collector's sight. With ViT-B-32 and 1M items a full
+    collection walked ~450k objects in ~300 ms with the GIL held, a stall every request in
+    flight felt (c16 p99 of 280-440 ms in runs whose p90 was under 100 ms); after the freeze
+    it walks only what requests create. Not in `create_app`: a test process starts many apps,
+    and frozen objects are never collected."""
+    gc.collect()  # garbage made while loading, so that none is frozen
+    gc.freeze()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from app.distributed.serve import run_serve
@@ -103,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_startup_failure=stop_on_failure)
+    app = create_app(settings, on_startup_failure=stop_on_failure, on_loaded=freeze_what_is_loaded)
     config = uvicorn.Config(
         app,
         host=settings.host,

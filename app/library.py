@@ -86,6 +86,8 @@ def collection_policy(settings: Settings) -> CollectionPolicy:
             ivf_nprobe=ix.ivf_nprobe,
         ),
         save_every_changes=ix.save_every_changes,
+        save_share=ix.save_share,
+        save_pace=ix.save_pace,
     )
 
 
@@ -112,7 +114,11 @@ class Library:
         try:
             # the row cache only where every write passes through this process (it holds the lock)
             rows = settings.cache.result_rows if lock else 0
-            store = MetadataStore(data_dir / "xmodal.sqlite3", row_cache_items=rows)
+            store = MetadataStore(
+                data_dir / "xmodal.sqlite3",
+                row_cache_items=rows,
+                filter_cache_ids=settings.cache.filter_ids,
+            )
             media = MediaStore(data_dir)
             if lock:
                 # Only the process that owns the data dir may sweep another's uploads.

@@ -136,16 +136,21 @@ def create_app(
     *,
     encoder: Encoder | None = None,
     on_startup_failure: Callable[[str], None] | None = None,
+    on_loaded: Callable[[], None] | None = None,
     backend_factory: BackendFactory | None = None,
 ) -> FastAPI:
     """`encoder` lets tests share one loaded model across apps; normally it is loaded here.
+    `on_loaded`: called on the event loop once everything is loaded, just before ready.
     `backend_factory`: run the model calls elsewhere (`xmodal serve --engine ray`)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(
-            settings, on_startup_failure=on_startup_failure, backend_factory=backend_factory
+            settings,
+            on_startup_failure=on_startup_failure,
+            on_loaded=on_loaded,
+            backend_factory=backend_factory,
         )
         app.state.runtime = runtime
         runtime.start_loading(encoder)

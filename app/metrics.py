@@ -36,28 +36,36 @@ QUERY_CACHE_MISSES = Counter(
 )
 
 
-class RowCacheMetrics:
-    """The store's result-row cache, read when /metrics is scraped (the store, in index/,
-    keeps plain counters and knows nothing of Prometheus). `source` returns (entries, hits,
+class StoreCacheMetrics:
+    """One of the store's caches, read when /metrics is scraped (the store, in index/, keeps
+    plain counters and knows nothing of Prometheus). `source` returns (entries, hits,
     misses); None until a data dir is open."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, entries: str, hits: str, misses: str) -> None:
+        self.name = name
+        self.help = (entries, hits, misses)
         self.source: Callable[[], tuple[int, int, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.source is None:
             return
         entries, hits, misses = self.source()
-        yield GaugeMetricFamily(
-            "xmodal_row_cache_entries", "Result rows held in memory.", value=entries
-        )
-        yield CounterMetricFamily(
-            "xmodal_row_cache_hits", "Result rows served from memory.", value=hits
-        )
-        yield CounterMetricFamily(
-            "xmodal_row_cache_misses", "Result rows read from SQLite.", value=misses
-        )
+        yield GaugeMetricFamily(f"{self.name}_entries", self.help[0], value=entries)
+        yield CounterMetricFamily(f"{self.name}_hits", self.help[1], value=hits)
+        yield CounterMetricFamily(f"{self.name}_misses", self.help[2], value=misses)
 
 
-ROW_CACHE = RowCacheMetrics()
+ROW_CACHE = StoreCacheMetrics(
+    "xmodal_row_cache",
+    "Result rows held in memory.",
+    "Result rows served from memory.",
+    "Result rows read from SQLite.",
+)
+FILTER_CACHE = StoreCacheMetrics(
+    "xmodal_filter_cache",
+    "Metadata filters whose matching ids are held in memory.",
+    "Filters answered from memory (brought up to date from the change log).",
+    "Filters answered by SQLite.",
+)
 REGISTRY.register(ROW_CACHE)
+REGISTRY.register(FILTER_CACHE)

@@ -24,7 +24,7 @@ from app.batching import Batcher, DynamicBatcher
 from app.config import Settings
 from app.errors import NotReady
 from app.library import Library, with_remembered_model
-from app.metrics import INDEX_SIZE, ROW_CACHE
+from app.metrics import FILTER_CACHE, INDEX_SIZE, ROW_CACHE
 from app.query_cache import QueryCache
 from app.services import forward_passes
 from app.services.query_vectors import QueryEncoder
@@ -104,11 +104,13 @@ class Runtime:
         settings: Settings,
         *,
         on_startup_failure: Callable[[str], None] | None = None,
+        on_loaded: Callable[[], None] | None = None,
         backend_factory: BackendFactory | None = None,
     ) -> None:
         self.settings = settings
         self._backend_factory = backend_factory
         self._on_startup_failure = on_startup_failure
+        self._on_loaded = on_loaded
         self.backend: Backend | None = None
         self.startup_error: str | None = None
         self._loader: asyncio.Task[None] | None = None
@@ -157,6 +159,8 @@ class Runtime:
                 library = await opening
             rows = library.store.rows
             ROW_CACHE.source = lambda: (len(rows), rows.hits, rows.misses)
+            filters = library.store.filters
+            FILTER_CACHE.source = lambda: (len(filters), filters.hits, filters.misses)
             if self._backend_factory is None:
                 backend = self._start_backend(library)
                 self._warmer = asyncio.get_running_loop().create_task(
@@ -169,6 +173,8 @@ class Runtime:
                         batcher.start()
             self._saver = asyncio.get_running_loop().create_task(self._save_periodically(library))
             backend.after_write()
+            if self._on_loaded is not None:
+                self._on_loaded()  # before ready: no request waits behind it
             self.backend = backend
             log.info("ready: %s", backend.counts())
         except Exception as exc:
@@ -265,6 +271,7 @@ class Runtime:
     async def stop(self) -> None:
         backend, self.backend = self.backend, None
         ROW_CACHE.source = None
+        FILTER_CACHE.source = None
         for task in (self._warmer, self._saver, self._loader):
             if task is not None and not task.done():
                 task.cancel()

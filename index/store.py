@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from index.filter_cache import FilterAnswer, FilterCache
 from index.filters import compile_filter, compile_indexed_filter
 from index.row_cache import RowCache
 
@@ -190,12 +191,14 @@ def _rows_in(
 class MetadataStore:
     """Thread-safe access to the SQLite file; one connection guarded by a lock."""
 
-    def __init__(self, path: Path, *, row_cache_items: int = 0) -> None:
+    def __init__(self, path: Path, *, row_cache_items: int = 0, filter_cache_ids: int = 0) -> None:
         """`row_cache_items`: rows `get_many` keeps in memory (0: none). Only for the process
         that makes every write to this file (the data dir's lock holder): another process's
-        deletes would not reach this cache."""
+        deletes would not reach this cache. `filter_cache_ids`: ids of recent filters' answers
+        `filter_ids` keeps (0: none); they follow the change log, whoever writes."""
         self.path = path
         self.rows: RowCache[StoredItem] = RowCache(row_cache_items)
+        self.filters = FilterCache(filter_cache_ids)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -284,6 +287,7 @@ class MetadataStore:
 
     def close(self) -> None:
         self.rows.clear()
+        self.filters.clear()
         with self._readers_lock:
             for db in self._reader_conns:
                 db.close()
@@ -592,13 +596,76 @@ class MetadataStore:
         return {str(r["sha256"]) for r in rows}
 
     def filter_ids(self, kind: Kind, filter_: dict[str, Any] | None) -> np.ndarray:
-        """Sorted ids of `kind` matching the filter, from the indexed `item_meta` table on this
-        thread's read connection: an index range per key, and no wait for the writer."""
+        """Ids of `kind` matching the filter (distinct, in no set order), from the indexed
+        `item_meta` table on this thread's read connection: an index range per key, and no wait
+        for the writer. With the filter cache on, a filter seen recently costs one read of the
+        change log while nothing changed, and a look at the rows changed since otherwise (at
+        1M items, `year >= 2020` matched 194k ids in 31 ms; `album IN (3 values)` 29k in 5 ms)."""
         query = compile_indexed_filter(filter_, kind)
+        db = self._reader()
         if query is None:
-            return self._ids_where(self._reader(), "SELECT id FROM items WHERE kind = ?", [kind])
+            return self._ids_where(db, "SELECT id FROM items WHERE kind = ?", [kind])
         sql, params = query
-        return self._ids_where(self._reader(), sql, params)  # distinct; in no set order
+        if not self.filters.enabled:
+            return self._ids_where(db, sql, params)
+        # keys in any order mean the same filter (checked above: JSON values only)
+        key = (kind, json.dumps(filter_, sort_keys=True))
+        cached = self.filters.get(key)
+        # one read transaction: the answer is exactly the one as of `seq`
+        db.execute("BEGIN")
+        try:
+            seq = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+            if cached is not None and cached.seq == seq:
+                return cached.ids
+            answer = None
+            if cached is not None and cached.seq < seq:
+                answer = self._caught_up(db, kind, filter_, cached, seq)
+            if answer is None:
+                answer = FilterAnswer(self._ids_where(db, sql, params), seq)
+        finally:
+            db.execute("COMMIT")
+        self.filters.put(key, answer)
+        return answer.ids
+
+    # Past this many changes since a cached answer, it is computed afresh rather than caught up.
+    _FILTER_CATCH_UP_MAX = 2000
+
+    def _caught_up(
+        self,
+        db: sqlite3.Connection,
+        kind: Kind,
+        filter_: dict[str, Any] | None,
+        cached: FilterAnswer,
+        seq: int,
+    ) -> FilterAnswer | None:
+        """`cached` brought to `seq` from the change log: added rows that match join it, deleted
+        ids leave it (rows are never updated). None when too much changed for that to pay."""
+        changes = db.execute(
+            "SELECT item_id, op FROM changes WHERE kind = ? AND seq > ? AND seq <= ? LIMIT ?",
+            (kind, cached.seq, seq, self._FILTER_CATCH_UP_MAX + 1),
+        ).fetchall()
+        if len(changes) > self._FILTER_CATCH_UP_MAX:
+            return None
+        added = [int(c[0]) for c in changes if c[1] == "add"]
+        deleted = [int(c[0]) for c in changes if c[1] == "delete"]
+        ids = cached.ids
+        if added:
+            # an added row still there: the same test as the indexed query (test_meta_filters)
+            where, params = compile_filter(filter_)
+            matched: list[int] = []
+            for start in range(0, len(added), 500):
+                chunk = added[start : start + 500]
+                rows = db.execute(
+                    f"SELECT id FROM items WHERE kind = ? AND {where} "
+                    f"AND id IN ({','.join('?' * len(chunk))})",
+                    (kind, *params, *chunk),
+                )
+                matched += [int(row[0]) for row in rows]
+            # ids are never reused: these were not in the answer as of `cached.seq`
+            ids = np.concatenate([ids, np.asarray(matched, dtype=np.int64)])
+        if deleted:
+            ids = ids[~np.isin(ids, np.asarray(deleted, dtype=np.int64))]
+        return FilterAnswer(ids, seq)
 
     def filter_ids_by_scan(self, kind: Kind, filter_: dict[str, Any] | None) -> np.ndarray:
         """The same answer by evaluating json_extract on every row (storage format 1's way):

@@ -92,3 +92,33 @@ def test_vector_search_bad_input(client: TestClient) -> None:
     assert post({"vector": good, "k": 0})[0] == 422
     assert post({"vector": good, "filter": {"a": {"$bogus": 1}}})[0] == 422
     assert post({"vector": good, "extra": 1})[0] == 422
+
+
+def test_a_repeated_filter_comes_from_memory_and_follows_deletes_and_uploads(
+    client: TestClient,
+) -> None:
+    from tests.app.test_query_cache import _metric
+
+    stored = _stored_vectors(client, 6)
+    query = stored[next(iter(stored))].tolist()
+    body = {"vector": query, "k": 10, "filter": {"n": {"$gte": 3}}}
+
+    def search() -> list[int]:
+        r = client.post("/v1/search/vector", json=body)
+        assert r.status_code == 200, r.text
+        return sorted(h["id"] for h in r.json()["results"])
+
+    def hits() -> float:
+        return _metric(client.get("/metrics").text, "xmodal_filter_cache_hits_total")
+
+    first = search()
+    assert len(first) == 3
+    before = hits()
+    assert search() == first and hits() == before + 1
+    assert client.delete(f"/v1/images/{first[0]}").status_code == 204
+    assert search() == first[1:]
+    added = upload(client, image_bytes(100), "new.png", metadata=json.dumps({"n": 9}))
+    new_id = added.json()["items"][0]["id"]
+    upload(client, image_bytes(101), "other.png", metadata=json.dumps({"n": 1}))
+    assert search() == sorted([*first[1:], new_id])
+    assert hits() == before + 3  # each answered from memory, brought up to date

@@ -148,7 +148,8 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> Non
     rng = random.Random(7)
     ledger = Ledger()
     # save often, so kills land before, during and after index saves
-    server = ServerProcess(tmp_path / "data", env={"XMODAL_INDEX__SAVE_EVERY_CHANGES": "7"})
+    env = {"XMODAL_INDEX__SAVE_EVERY_CHANGES": "7", "XMODAL_INDEX__SAVE_PACE": "0"}
+    server = ServerProcess(tmp_path / "data", env=env)
     for round_no in range(ROUNDS):
         server.start()
         if round_no:

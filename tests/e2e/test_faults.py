@@ -178,7 +178,11 @@ def test_wal_torn_mid_frame_after_a_kill(tmp_path: Path) -> None:
     to the last committed write, and the FAISS caches (saved after every change here, so they
     had seen the lost transaction) are rebuilt, never trusted ahead of SQLite."""
     data = tmp_path / "data"
-    env = {"XMODAL_INDEX__SAVE_EVERY_CHANGES": "1", "XMODAL_INDEX__SAVE_EVERY_S": "0.1"}
+    env = {
+        "XMODAL_INDEX__SAVE_EVERY_CHANGES": "1",
+        "XMODAL_INDEX__SAVE_EVERY_S": "0.1",
+        "XMODAL_INDEX__SAVE_PACE": "0",
+    }
     server = ServerProcess(data, env=env).start()
     wal = data / f"{DB}-wal"
     committed = [f"committed text {i}" for i in range(8)]

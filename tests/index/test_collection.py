@@ -141,3 +141,46 @@ def test_ivfpq_built_from_a_streamed_sample(
     assert sum(h[0].id == ids[i] for i, h in enumerate(hits)) >= 19
     seq, all_ids, vectors = store.snapshot("image")
     assert seq == 3000 and all_ids.tolist() == ids and np.allclose(vectors, x)
+
+
+def test_save_policy_scales_with_the_index_and_is_paced_by_the_last_save() -> None:
+    from index.collection import save_due
+
+    policy = CollectionPolicy(save_every_changes=1000, save_share=0.01, save_pace=10)
+
+    def due(size: int, changes: int, since: float, took: float = 0.0) -> bool:
+        return save_due(
+            policy, size=size, changes=changes, since_save_s=since, last_save_s=took, max_age_s=60
+        )
+
+    # small: 1,000 changes are enough; large: 1% of the index
+    assert due(10_000, 1000, since=1) and not due(10_000, 999, since=1)
+    assert not due(1_000_000, 9_999, since=1) and due(1_000_000, 10_000, since=1)
+    # a few changes wait for the age limit, none never save
+    assert not due(1_000_000, 5, since=59) and due(1_000_000, 5, since=60)
+    assert not due(1_000_000, 0, since=10**6)
+    # a save that took 20 s: nothing saves again within 200 s of it, however due
+    assert not due(1_000_000, 50_000, since=199, took=20) and due(1_000_000, 5, since=200, took=20)
+
+
+def test_a_collection_saves_by_the_policy(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "db.sqlite3")
+    x = clustered(300)
+    _add(store, x[:100])
+    path = tmp_path / "i.faiss"
+    coll = _collection(store, path, save_every_changes=10, save_share=0.5, save_pace=0.0)
+    coll.open()
+    assert coll.save_if_due(3600)  # built from the store: worth a file
+    saved = path.stat().st_mtime_ns
+    _add(store, x[100:140], start=100)
+    coll.catch_up()
+    assert not coll.save_if_due(3600)  # 40 changes: under half of 140 vectors
+    _add(store, x[140:200], start=140)
+    coll.catch_up()
+    assert coll.save_if_due(3600) and path.stat().st_mtime_ns != saved
+    coll.policy.save_pace = 1e9  # a save just ended: the next one waits for its pace
+    _add(store, x[200:300], start=200)
+    coll.catch_up()
+    assert not coll.save_if_due(0) and coll.needs_save
+    coll.policy.save_pace = 0.0
+    assert coll.save_if_due(0) and not coll.needs_save
