@@ -83,12 +83,8 @@ class DynamicBatcher(Generic[In, Out]):
         max_wait_ms: float,
         max_queue: int,
         request_timeout_s: float = 30.0,
-        workers: int = 1,
-        worker_init: Callable[[], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
-        """`workers`: batches run at once, each on its own thread (`worker_init` runs first on
-        each, e.g. to give it its share of the cores)."""
         self.name = name
         self._fn = fn
         self.max_batch_size = max_batch_size
@@ -97,35 +93,29 @@ class DynamicBatcher(Generic[In, Out]):
         self.request_timeout_s = request_timeout_s
         # A forward pass's duration, averaged over recent batches (0 before the first).
         self._batch_s = 0.0
-        self.workers = workers
-        self._executor = executor or ThreadPoolExecutor(
-            workers, thread_name_prefix=f"batch-{name}", initializer=worker_init
-        )
+        # One thread per batcher: torch parallelises inside the op, not across batches (two
+        # one-thread workers measured no better on 2 cores).
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
         self._owns_executor = executor is None
         self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._worker: asyncio.Task[None] | None = None
         self.batches_run = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self._tasks:
+        if self._worker is not None:
             return
         self._queue = asyncio.Queue(maxsize=self.max_queue)
-        loop = asyncio.get_running_loop()
-        # Each worker collects its own batch from the shared queue, so while one computes the
-        # next batch forms behind it and runs on another thread.
-        self._tasks = [
-            loop.create_task(self._run(), name=f"batcher-{self.name}-{i}")
-            for i in range(self.workers)
-        ]
+        self._worker = asyncio.get_running_loop().create_task(
+            self._run(), name=f"batcher-{self.name}"
+        )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        if self._worker is not None:
+            self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+                await self._worker
+            self._worker = None
         if self._queue is not None:
             while not self._queue.empty():
                 pending = self._queue.get_nowait()

@@ -47,10 +47,6 @@ class BatchSettings(BaseModel):
     # can be served in time. 0 = no deadline. Only search queries carry it: uploads and embedding
     # requests of many items wait for their own earlier items by design.
     query_deadline_ms: float = Field(250.0, ge=0)
-    # Text batches that may run at once, each on its own thread with `text_worker_threads`
-    # torch threads (0: torch's default, all cores).
-    text_workers: int = Field(1, ge=1, le=64)
-    text_worker_threads: int = Field(0, ge=0, le=1024)
 
 
 class LimitSettings(BaseModel):

@@ -202,15 +202,7 @@ class Runtime:
         backend = Backend(
             library=library,
             text_encoder=DynamicBatcher(
-                "text_encode",
-                partial(forward_passes.encode_texts_batch, encoder),
-                workers=b.text_workers,
-                worker_init=(
-                    partial(torch.set_num_threads, b.text_worker_threads)
-                    if b.text_worker_threads
-                    else None
-                ),
-                **common,
+                "text_encode", partial(forward_passes.encode_texts_batch, encoder), **common
             ),
             image_encoder=DynamicBatcher(
                 "image_encode", partial(forward_passes.encode_images_batch, encoder), **common
