@@ -68,12 +68,16 @@ def save_due(
     changes at 1M vectors), and costs a write of the whole index: 2.2 GB at 1M vectors with
     HNSW, which starved the searches' SQLite reads when it came every 1,000 changes or 60 s.
     So: after `save_every_changes` or `save_share` of the index, whichever is more, or once the
-    unsaved changes are `max_age_s` old; and never sooner after the last save than `save_pace`
-    times its duration, so that saving takes at most about 1/save_pace of the disk's time."""
+    unsaved changes are `max_age_s` old and at least a tenth of `save_share` of the index (at
+    1M vectors, 1,000: a third of a second of replay; 8 changes had a 31 s save of the whole
+    index fall into a write load, multiplying the searches' p99 by 3.5-8.6); and never sooner
+    after the last save than `save_pace` times its duration, so that saving takes at most
+    about 1/save_pace of the disk's time."""
     if changes <= 0 or since_save_s < policy.save_pace * last_save_s:
         return False
     enough = max(policy.save_every_changes, int(size * policy.save_share))
-    return changes >= enough or since_save_s >= max_age_s
+    worth_an_age_save = changes >= size * policy.save_share / 10
+    return changes >= enough or (since_save_s >= max_age_s and worth_an_age_save)
 
 
 class IndexedCollection:
