@@ -135,6 +135,11 @@ class Runtime:
     def ready(self) -> bool:
         return self.backend is not None
 
+    @property
+    def warmed_up(self) -> bool:
+        """Ready, and the full-size warm-up after readiness is through the batchers."""
+        return self.ready and (self._warmer is None or self._warmer.done())
+
     def storage_problem(self) -> str | None:
         return None if self.backend is None else self.backend.library.storage_problem()
 

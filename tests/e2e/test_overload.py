@@ -42,6 +42,13 @@ def served(encoder: Encoder, tmp_path: Path) -> Iterator[InProcessServer]:
         batch={"max_batch_size": 4, "max_wait_ms": 1, "max_queue": 16, "request_timeout_s": 20},
     )
     with InProcessServer(create_app(settings, encoder=encoder)) as server:
+        # The warm-up batches that follow readiness go through the batchers: a test that holds
+        # the model must not catch one of them (its requests would then all wait, and miss
+        # their deadline, behind a batch that is not theirs).
+        runtime = server.app.state.runtime
+        deadline = time.monotonic() + 60
+        while not runtime.warmed_up and time.monotonic() < deadline:
+            time.sleep(0.02)
         yield server
 
 
