@@ -119,25 +119,20 @@ def _cls_forward(
     """
     batch, context = text.shape
     valid = text != parts.pad_id
-    ones = valid.new_ones(batch, 1)
-    keys = torch.cat([valid, ones] if parts.correct_cls_mask else [ones, valid], dim=1)
+    keys = _cls_keys(parts, valid)
     length = context
     if trim:
         length = min(context, int(valid.sum(dim=1).max().item()) + 1)
         if compiled is not None:
             length = compiled.length(length, context)
     kept = torch.cat([torch.arange(length), torch.tensor([context])]).to(text.device)
-    keys = keys[:, kept]  # [B, length + 1]
     fast = fast and _fast_blocks(parts)
     cast_dtype = _cast_dtype(parts, fast)
     cls_emb: Any = parts.cls_emb
     x = parts.token_embedding(text[:, :length]).to(cast_dtype)
     x = torch.cat([x, cls_emb.to(cast_dtype).expand(batch, 1, -1)], dim=1)
     x = x + parts.positional_embedding[kept].to(cast_dtype)
-    causal = parts.attn_mask[: length + 1, : length + 1].to(cast_dtype)
-    additive = torch.zeros(batch, 1, length + 1, dtype=cast_dtype, device=text.device)
-    additive = additive.masked_fill(~keys[:, None, :], float("-inf"))
-    mask = causal[None] + additive  # [B, length + 1, length + 1]
+    mask = _cls_mask(parts, keys, kept, cast_dtype)  # [B, length + 1, length + 1]
     if compiled is not None:
         x = compiled(x, attn_mask=mask[:, None])
     elif fast:
@@ -147,6 +142,24 @@ def _cls_forward(
     pooled = _project(parts, parts.ln_final(x[:, -1]))
     ids = text[:, :length]
     return TextOutput(pooled, x[:, :-1], ids != parts.pad_id, ids)
+
+
+def _cls_keys(parts: _TextParts, valid: torch.Tensor) -> torch.Tensor:
+    """open_clip's key mask [B, context + 1] over the context plus CLS, from `valid` [B,
+    context] (text != pad), in the model's layout (see `_cls_forward`)."""
+    ones = valid.new_ones(valid.shape[0], 1)
+    return torch.cat([valid, ones] if parts.correct_cls_mask else [ones, valid], dim=1)
+
+
+def _cls_mask(
+    parts: _TextParts, keys: torch.Tensor, kept: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive attention mask [B, n, n] over the `kept` slots of the context plus CLS
+    (n of them, increasing): the tower's causal mask there, with the invalid keys masked."""
+    causal = parts.attn_mask[kept][:, kept].to(dtype)
+    additive = torch.zeros(keys.shape[0], 1, len(kept), dtype=dtype, device=keys.device)
+    additive = additive.masked_fill(~keys[:, kept][:, None, :], float("-inf"))
+    return causal[None] + additive
 
 
 def _cast_dtype(parts: _TextParts, fast: bool) -> torch.dtype:
@@ -274,9 +287,7 @@ def _packed_cls_pooled(parts: _TextParts, text: torch.Tensor) -> torch.Tensor:
     key (see `_cls_forward` for both mask layouts), then its CLS token, which sits in the
     grid's last column as in the padded batch; positions dropped were masked keys there."""
     batch, context = text.shape
-    valid = text != parts.pad_id
-    ones = valid.new_ones(batch, 1)
-    keys = torch.cat([valid, ones] if parts.correct_cls_mask else [ones, valid], dim=1)
+    keys = _cls_keys(parts, text != parts.pad_id)
     slots = torch.arange(1, context + 1, device=text.device)
     needed = (keys[:, :context] * slots).amax(dim=1)  # one past each row's last valid key
     length = int(needed.max())
@@ -291,10 +302,7 @@ def _packed_cls_pooled(parts: _TextParts, text: torch.Tensor) -> torch.Tensor:
     x = parts.token_embedding(text[rows, columns.clamp(max=max(length - 1, 0))]).to(cast_dtype)
     x[is_cls] = cls_emb.to(cast_dtype).reshape(1, -1)
     x = x + parts.positional_embedding[slot[columns]].to(cast_dtype)
-    causal = parts.attn_mask[slot][:, slot].to(cast_dtype)  # [length + 1, length + 1]
-    additive = torch.zeros(batch, 1, length + 1, dtype=cast_dtype, device=text.device)
-    additive = additive.masked_fill(~keys[:, slot][:, None, :], float("-inf"))
-    mask = causal[None] + additive
+    mask = _cls_mask(parts, keys, slot, cast_dtype)
     x = run_blocks(parts.transformer, x, attn_mask=mask[:, None], packing=packing)
     return _project(parts, parts.ln_final(x[is_cls]))
 
