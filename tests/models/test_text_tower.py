@@ -92,6 +92,21 @@ def test_unsupported_blocks_use_the_stock_forward() -> None:
     torch.testing.assert_close(out, stock, atol=1e-5, rtol=0)
 
 
+def _fast_packings(patch: pytest.MonkeyPatch) -> list[Packing]:
+    """Records every packing made from now on (all go through `Packing.of_grid`), and makes
+    a fall-back to open_clip's attention fail."""
+    made: list[Packing] = []
+    real = Packing.of_grid
+
+    def spy(kept: torch.Tensor) -> Packing:
+        made.append(real(kept))
+        return made[-1]
+
+    patch.setattr(Packing, "of_grid", staticmethod(spy))
+    patch.setattr(nn.MultiheadAttention, "forward", _refuse_attention)
+    return made
+
+
 @pytest.mark.parametrize(
     ("name", "custom_text"), [("clip", False), ("clip", True), ("ViT-B-32", False)]
 )
@@ -99,18 +114,10 @@ def test_packed_rows_match_the_padded_batch(name: str, custom_text: bool) -> Non
     model = _model(name, custom_text)
     tokens = open_clip.get_tokenizer(name if name != "clip" else "xmodal-tiny")(TEXTS)
     lengths = [int(n) for n in (tokens != 0).sum(dim=1)]
-    packings: list[Packing] = []
-    real = Packing.of_lengths
-
-    def spy(row_lengths: torch.Tensor) -> Packing:
-        packings.append(real(row_lengths))
-        return packings[-1]
-
     with torch.no_grad():
         stock, _ = _stock(model, tokens)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Packing, "of_lengths", staticmethod(spy))
-            patch.setattr(nn.MultiheadAttention, "forward", _refuse_attention)
+            packings = _fast_packings(patch)
             packed = pooled_text(model, tokens)
             single = pooled_text(model, tokens[:1])  # one row: nothing to pack
         # Packed: every row up to its EOT and not one pad token more.
@@ -132,18 +139,10 @@ def test_packed_rows_match_for_a_tower_with_a_cls_token(correct_cls_mask: bool) 
     model.text.correct_cls_mask = correct_cls_mask
     tokens = open_clip.get_tokenizer("xmodal-tiny")(TEXTS)
     valid = (tokens != 0).sum(dim=1)
-    packings: list[Packing] = []
-    real = Packing.of_grid
-
-    def spy(kept: torch.Tensor) -> Packing:
-        packings.append(real(kept))
-        return packings[-1]
-
     with torch.no_grad():
         stock, _ = _stock(model, tokens)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Packing, "of_grid", staticmethod(spy))
-            patch.setattr(nn.MultiheadAttention, "forward", _refuse_attention)
+            packings = _fast_packings(patch)
             packed = pooled_text(model, tokens)
     extra = 0 if correct_cls_mask else 1  # the pad position the legacy layout keeps
     expected = int((torch.clamp(valid + extra, max=tokens.shape[1]) + 1).sum())  # + CLS
