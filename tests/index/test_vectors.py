@@ -194,9 +194,9 @@ def test_filtered_search_small_exact_and_large_bitmap(kind: str, shuffled: bool)
 
 
 def test_a_small_filter_scores_an_item_as_the_unfiltered_hnsw_search_does() -> None:
-    """Scored in place with the kernel HNSW uses: an item's score is the same to the last bit
-    whether a filter is given or not (with a NumPy matmul it differed by ~1e-7; the exact
-    index's unfiltered search uses other kernels and still may)."""
+    """Scored in place by FAISS's own inner-product code: an item's score is the same whether a
+    filter is given or not, and so is the order. Bit for bit where FAISS picks the same SIMD
+    kernel for both (AVX-512 builds); on AVX2 they differ by a few units in the last place (2 measured)."""
     x = clustered(2000, seed=5)
     ids = np.arange(1, 2001, dtype=np.int64)
     index = VectorIndex(DIM, IndexParams(kind="hnsw"))
@@ -205,7 +205,7 @@ def test_a_small_filter_scores_an_item_as_the_unfiltered_hnsw_search_does() -> N
         scores, got = index.search(query[None], 10)  # one query a search, as the service does
         filtered_scores, filtered = index.search(query[None], 10, np.sort(got[0]))
         assert filtered.tolist() == got.tolist()
-        assert filtered_scores.tobytes() == scores.tobytes()
+        np.testing.assert_array_max_ulp(filtered_scores, scores, maxulp=4)
 
 
 def test_ivfpq_deletes_are_tombstones_saved_and_excluded(tmp_path: Path) -> None:

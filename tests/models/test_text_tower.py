@@ -158,9 +158,11 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     ("name", "weights_floor"),
     # Measured (random weights, these texts), min cosine to fp32 for bf16 weights throughout /
     # bf16_matmuls / autocast: xmodal-tiny 0.99995 / 0.99997 / 0.99997, ViT-B-32 0.99989 /
-    # 0.99995 / 0.99995. bf16 weights round the residual stream at every layer; the other two
-    # keep it (and the LayerNorms) in float32 and round only the matmul inputs.
-    [("xmodal-tiny", 0.9999), ("ViT-B-32", 0.9998)],
+    # 0.99995 / 0.99995 on a CPU with bf16 instructions; on one without them (AVX2: oneDNN
+    # emulates bf16) xmodal-tiny's first figure is 0.99990. bf16 weights round the residual
+    # stream at every layer; the other two keep it (and the LayerNorms) in float32 and round
+    # only the matmul inputs: those two are the paths the service runs.
+    [("xmodal-tiny", 0.9998), ("ViT-B-32", 0.9998)],
 )
 def test_bf16_text_tower_cosine(name: str, weights_floor: float) -> None:
     model = _model(name, custom_text=False)
