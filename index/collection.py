@@ -156,7 +156,7 @@ class IndexedCollection:
                 index.train(np.concatenate(sample))
                 del sample
             for ids, vectors in snap.chunks(self.item_kind):
-                index.add(ids, vectors)
+                index.add(ids, vectors, searched=False)
             index.applied_seq = snap.seq
         log.info(
             "built %s index (%s) over %d vectors in %.1fs",

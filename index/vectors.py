@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, Literal
 import faiss
 import numpy as np
 
+from index.headroom import Headroom
 from index.locks import SharedLock
 
 _faiss: Any = faiss  # SearchParametersHNSW, the IO callbacks, ...: missing from its type hints
@@ -40,6 +41,9 @@ _IO_CHUNK = 1 << 20
 # (no copy); IVF-PQ does not, and reads them from the store (SMALL_FILTER at most).
 SMALL_FILTER = 4096
 EXACT_FILTER_SHARE = 50
+# Vectors added to a searched index between two chances for searches to run: a graph insert
+# takes ~1 ms at 1M vectors, and FAISS inserts a slice this size on all its threads.
+ADD_SLICE = 256
 
 # faiss 1.15 only uses BLAS for batches above this threshold; small query batches then take a
 # much slower path (measured: 64 queries at 1M vectors, 2.7 s -> 0.36 s with 20).
@@ -144,6 +148,7 @@ class VectorIndex:
         # Held by every change to the FAISS index (outside `_lock`) and by `save`, which takes
         # only this one: a save streams gigabytes while searches, which only read, go on.
         self._writes = threading.Lock()
+        self._headroom = Headroom()
         self.applied_seq = 0  # the store's change sequence number this index reflects
         # FAISS's external ids sorted, and the order that sorts them (None: already sorted):
         # built on demand (membership, in-memory exact scoring of filters), dropped when the
@@ -173,34 +178,69 @@ class VectorIndex:
             if not self._index.is_trained:
                 self._index.train(np.ascontiguousarray(vectors, dtype=np.float32))
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, vectors: np.ndarray, *, searched: bool = True) -> None:
+        """`searched`: the index may be searched meanwhile, so the vectors go in slices of
+        ADD_SLICE, with searches let through between them, and arrays that must grow are
+        grown beside the old ones (`Headroom`) rather than by FAISS under the searches' lock.
+        False for an index still being built, which FAISS fills fastest in one piece."""
         if len(ids) == 0:
             return
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
-        with self._writes, self._lock.exclusive():
+        step = ADD_SLICE if searched else len(ids)
+        with self._writes:
             if not self._index.is_trained:
                 raise IndexFileError("IVF index must be trained before vectors are added")
-            self._index.add_with_ids(vectors, ids)
-            self._id_lookup = None
+            for start in range(0, len(ids), step):
+                piece = ids[start : start + step]
+                install = self._headroom.prepare(self._index, len(piece)) if searched else None
+                lookup = self._lookup_with(piece)
+                with self._lock.exclusive():
+                    if install is not None:
+                        install()
+                    self._index.add_with_ids(vectors[start : start + step], piece)
+                    self._id_lookup = lookup
+                del install  # the arrays it replaced are freed here, outside the lock
+            if not searched:
+                self._headroom.forget()  # FAISS grew the arrays its own way
+
+    def _lookup_with(self, added: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The id lookup once `added` are appended, when that is cheap: ids come from the
+        store in increasing order, so they usually extend the sorted ids at the end. None:
+        rebuilt by the next search that needs it. Call with changes excluded."""
+        current = self._id_lookup
+        if current is None or current[1] is not None:
+            return None
+        sorted_ids, _ = current
+        if len(added) > 1 and not bool(np.all(added[1:] > added[:-1])):
+            return None
+        if len(sorted_ids) and added[0] <= sorted_ids[-1]:
+            return None
+        return np.concatenate((sorted_ids, added)), None
 
     def remove(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
             return
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        with self._writes, self._lock.exclusive():
+        with self._writes:
             if self.params.kind in ("hnsw", "ivfpq"):
+                # everything is worked out first, searches going on; they only wait for the swap
                 sorted_ids, _ = self._lookup()
                 where = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
                 present = ids[sorted_ids[where] == ids] if len(sorted_ids) else ids[:0]
-                self._tombstones.update(int(i) for i in present)
-                self._dead = None
+                tombstones = self._tombstones | {int(i) for i in present}
+                dead = _Tombstones.of(tombstones) if tombstones else None
+                with self._lock.exclusive():
+                    self._tombstones = tombstones
+                    self._dead = dead
             else:
-                self._index.remove_ids(ids)
-                self._id_lookup = None
+                with self._lock.exclusive():
+                    self._index.remove_ids(ids)
+                    self._id_lookup = None
 
     def _lookup(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Call under the lock (either side: two searches may both build it, alike)."""
+        """Call under the lock (either side: two searches may both build it, alike) or with
+        changes excluded."""
         if self._id_lookup is None:
             id_map = faiss.vector_to_array(self._index.id_map).astype(np.int64)
             ascending = len(id_map) < 2 or bool(np.all(id_map[1:] > id_map[:-1]))
