@@ -4,11 +4,14 @@ client costs almost nothing of the cores the server runs on.
 The query vectors and filters are bench/scale.py's (distinct vectors from the data's clusters,
 one per request in turn; no filter and four filters from 10 items to 20% of them). Per filter
 and connection count: QPS, p50/p90/p99 and every non-2xx status. Either on a running server
-(`--url`) or on a data dir this starts a server on (`--data-dir`, e.g. one bench/scale.py built;
-searches only, nothing is written to it). Needs Debian's `wrk`.
+(`--url`) or on a data dir this starts a server on (`--data-dir`, e.g. one bench/scale.py built).
+Searches only, unless `--writer RATE`: then each case runs twice, quiet and while bench/scale.py's
+writer uploads one image and deletes an earlier one RATE times a second (what it uploads it
+deletes again, but for the last five). Needs Debian's `wrk`.
 
     python bench/vector_wrk.py --data-dir scratch/scale/n1000000-ViT-B-32/data --model ViT-B-32
     python bench/vector_wrk.py --url http://127.0.0.1:8000 --model ViT-B-32 --connections 16
+    python bench/vector_wrk.py --data-dir ... --connections 16 --writer 5
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from scale import FILTERS, Server, load_avg, queries
+from scale import FILTERS, Server, Writer, load_avg, queries
 from wrk_load import run_wrk
 
 
@@ -62,6 +65,13 @@ def main() -> int:
     ap.add_argument(
         "--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra server settings"
     )
+    ap.add_argument(
+        "--writer",
+        type=float,
+        default=0,
+        metavar="RATE",
+        help="also measure each case while uploading+deleting RATE pairs a second",
+    )
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -90,32 +100,40 @@ def main() -> int:
     else:
         url = args.url.rstrip("/")
     tmp = Path(tempfile.mkdtemp(prefix="xmodal-vector-wrk-"))
-    results: dict[str, dict[str, object]] = {}
+    results: dict[str, dict[str, Any]] = {}
     try:
         for name in args.filters:
             texts = bodies(dim, args.queries, args.seed, FILTERS[name])
             warm(url, texts)
             for c in args.connections:
-                result = run_wrk(
-                    f"{url}/v1/search/vector", texts, "application/json", c, args.seconds, tmp
-                )
-                result["load"] = load_avg()
-                results[f"{name} c{c}"] = result
-                print(f"{name} c{c}: {json.dumps(result)}", flush=True)
-                time.sleep(1)  # let queued work drain between rounds
+                for writing in (False, True) if args.writer else (False,):
+                    writer = Writer(url, args.writer) if writing else None
+                    if writer is not None:
+                        writer.start()
+                    result = run_wrk(
+                        f"{url}/v1/search/vector", texts, "application/json", c, args.seconds, tmp
+                    )
+                    if writer is not None:
+                        writer.stop_event.set()
+                        writer.join()
+                        result["writes"], result["write_errors"] = writer.done, writer.errors
+                    result["load"] = load_avg()
+                    key = f"{name} c{c}" + (" writing" if writing else "")
+                    results[key] = result
+                    print(f"{key}: {json.dumps(result)}", flush=True)
+                    time.sleep(1)  # let queued work drain between rounds
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(
-        f"\n| {'filter':<26} | conns | {'QPS':>6} | {'p50':>6} | {'p90':>6} | {'p99':>6} | non-2xx |"
-    )
-    print(f"|{'-' * 28}|-------|--------|--------|--------|--------|---------|")
-    for name in args.filters:
-        for c in args.connections:
-            r: Any = results[f"{name} c{c}"]
-            print(f"| {name:<26} | {c:>5} | {r['qps']:>6.0f} | {r['p50_ms']:>6.1f} | "
-                  f"{r['p90_ms']:>6.1f} | {r['p99_ms']:>6.1f} | {r['non_2xx']:>7} |")  # fmt: skip
+    print(f"\n| {'filter':<26} | conns | writer | {'QPS':>6} | {'p50':>6} | {'p90':>6} | {'p99':>6} "
+          f"| non-2xx |")  # fmt: skip
+    print(f"|{'-' * 28}|-------|--------|--------|--------|--------|--------|---------|")
+    for key, r in results.items():
+        name, c = key.removesuffix(" writing").rsplit(" c", 1)
+        writes = f"{r['writes']:>6}" if "writes" in r else f"{'':>6}"
+        print(f"| {name:<26} | {c:>5} | {writes} | {r['qps']:>6.0f} | {r['p50_ms']:>6.1f} | "
+              f"{r['p90_ms']:>6.1f} | {r['p99_ms']:>6.1f} | {r['non_2xx']:>7} |")  # fmt: skip
     if args.json_out:
         args.json_out.write_text(json.dumps({"model": args.model, "results": results}, indent=1))
     return 0
