@@ -267,7 +267,7 @@ def test_an_import_killed_midway_keeps_whole_chunks_and_a_rerun_completes_it(
     import sys
     import time
 
-    n, chunk = 60_000, 2_000
+    n, chunk = 20_000, 1_000
     keys = [f"k{i}" for i in range(n)]
     meta = [json.dumps({"n": i % 7}) for i in range(n)]
     path = _write(
