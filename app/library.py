@@ -24,7 +24,7 @@ from app.errors import ModelMismatch
 from index.collection import CollectionPolicy, IndexedCollection
 from index.media import MediaStore
 from index.store import Kind, MetadataStore
-from index.vectors import IndexParams
+from index.vectors import IndexFileError, IndexParams, VectorIndex
 from models.encoder import Encoder
 from models.inputs.decode import decode_image
 
@@ -106,7 +106,16 @@ class Library:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def open(cls, settings: Settings, encoder: Encoder, *, lock: bool = True) -> Library:
+    def open(
+        cls,
+        settings: Settings,
+        encoder: Encoder,
+        *,
+        lock: bool = True,
+        index_files: IndexFiles | None = None,
+    ) -> Library:
+        """`index_files`: the saved indexes, read while the model loaded; used if they were
+        checked against this model, else read again here."""
         data_dir = settings.data_dir
         dir_lock = DataDirLock(data_dir)
         if lock:
@@ -141,8 +150,9 @@ class Library:
             library = cls(settings, encoder, store, media, images, texts, dir_lock)
             if store.get_meta("model_fingerprint") != encoder.fingerprint:
                 library.reembed_all()
-            images.open()
-            texts.open()
+            ahead = index_files if index_files and index_files.fits(encoder) else None
+            images.open(ahead.images if ahead else None)
+            texts.open(ahead.texts if ahead else None)
         except BaseException:
             dir_lock.release()
             raise
@@ -296,6 +306,50 @@ def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | 
         return None
     stored_fingerprint = str(fingerprint[0]) if fingerprint else None
     return {k: spec.get(k) for k in _SPEC_FIELDS}, count, stored_fingerprint
+
+
+@dataclass(frozen=True)
+class IndexFiles:
+    """A data dir's saved indexes, read before the model is loaded (at 1M vectors reading and
+    checking the file takes ~5 s, which start-up spends beside the model's load instead of after
+    it), checked against the model fingerprint the data dir records."""
+
+    fingerprint: str
+    dim: int
+    images: VectorIndex | None
+    texts: VectorIndex | None
+
+    def fits(self, encoder: Encoder) -> bool:
+        return self.fingerprint == encoder.fingerprint and self.dim == encoder.dim
+
+
+def read_index_files(data_dir: Path) -> IndexFiles | None:
+    """The saved indexes of a data dir, without its lock: read-only, and files are replaced only
+    by a rename. Never raises: what cannot be read here (no file, another model's, a file
+    replaced under the read) is read or rebuilt the usual way once the model is loaded."""
+    path = data_dir / "xmodal.sqlite3"
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute(
+                "SELECT key, value FROM meta WHERE key IN ('model_fingerprint', 'dim')"
+            ).fetchall()
+        finally:
+            db.close()
+        meta = dict(rows)
+        fingerprint, dim = str(meta["model_fingerprint"]), int(meta["dim"])
+    except (sqlite3.Error, KeyError, ValueError, TypeError):
+        return None
+
+    def read(name: str) -> VectorIndex | None:
+        try:
+            return VectorIndex.load(data_dir / "indexes" / name, fingerprint=fingerprint, dim=dim)
+        except IndexFileError:
+            return None
+
+    return IndexFiles(fingerprint, dim, read("images.faiss"), read("texts.faiss"))
 
 
 def with_remembered_model(settings: Settings) -> Settings:

@@ -26,7 +26,7 @@ from anyio import to_thread
 from app.batching import Batcher, DynamicBatcher
 from app.config import Settings
 from app.errors import NotReady
-from app.library import Library, with_remembered_model
+from app.library import IndexFiles, Library, read_index_files, with_remembered_model
 from app.metrics import FILTER_CACHE, INDEX_SIZE, ROW_CACHE
 from app.query_cache import QueryCache
 from app.services import forward_passes
@@ -162,14 +162,25 @@ class Runtime:
         library: Library | None = None
         try:
             set_search_threads(self.settings.index.search_threads)
+            index_files: IndexFiles | None = None
             if encoder is None:
                 # Model options left unset: the model the data dir was embedded with.
                 self.settings = with_remembered_model(self.settings)
-                encoder = await to_thread.run_sync(load_encoder, encoder_spec(self.settings))
-            # The data dir (SQLite, FAISS files: ~1 s at 1M items) opens while the model warms
-            # up: neither needs the other, and both mostly run outside the GIL.
+                # The saved indexes (~5 s at 1M vectors) are read while the model loads, checked
+                # against the model the data dir records; Library.open checks that it is this one.
+                reading = asyncio.ensure_future(
+                    to_thread.run_sync(read_index_files, self.settings.data_dir)
+                )
+                try:
+                    encoder = await to_thread.run_sync(load_encoder, encoder_spec(self.settings))
+                finally:
+                    index_files = await reading
+            # The data dir (SQLite, the index files unless read above) opens while the model
+            # warms up: neither needs the other, and both mostly run outside the GIL.
             opening = asyncio.ensure_future(
-                to_thread.run_sync(Library.open, self.settings, encoder)
+                to_thread.run_sync(
+                    partial(Library.open, self.settings, encoder, index_files=index_files)
+                )
             )
             try:
                 if self._backend_factory is None:

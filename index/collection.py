@@ -115,15 +115,20 @@ class IndexedCollection:
         )
         return replace(base, kind=kind)
 
-    def open(self) -> None:
-        """Load the saved index if it is sound, else rebuild from the store; then catch up."""
+    def open(self, preloaded: VectorIndex | None = None) -> None:
+        """Load the saved index if it is sound, else rebuild from the store; then catch up.
+        `preloaded`: this collection's file, already read and checked against this model."""
         try:
-            self._index = VectorIndex.load(
-                self.index_path,
-                fingerprint=self.fingerprint,
-                dim=self.dim,
-                exact_vectors=self._exact_vectors,
-            )
+            if preloaded is not None:
+                preloaded.exact_vectors = self._exact_vectors
+                self._index = preloaded
+            else:
+                self._index = VectorIndex.load(
+                    self.index_path,
+                    fingerprint=self.fingerprint,
+                    dim=self.dim,
+                    exact_vectors=self._exact_vectors,
+                )
             self._index.params = self._index.params.searching_like(self._params_for(0))
             self.loaded_from = "file"
             self._saved_seq = self._index.applied_seq
