@@ -15,6 +15,8 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -284,21 +286,32 @@ def _describe(spec: dict[str, str | None], fingerprint: str | None = None) -> st
     return f"{head} ({', '.join(details)})" if details else head
 
 
-def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | None] | None:
-    """(the model spec a data dir recorded, how many items it holds, its model fingerprint), or
-    None when it has none; read-only, so it works beside a running server."""
+@contextmanager
+def _read_only_store(data_dir: Path) -> Iterator[sqlite3.Connection | None]:
+    """The data dir's SQLite file opened read-only (so it works beside a running server), or
+    None when there is none."""
     path = data_dir / "xmodal.sqlite3"
     if not path.is_file():
-        return None
+        yield None
+        return
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
+        yield db
+    finally:
+        db.close()
+
+
+def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | None] | None:
+    """(the model spec a data dir recorded, how many items it holds, its model fingerprint), or
+    None when it has none."""
+    try:
+        with _read_only_store(data_dir) as db:
+            if db is None:
+                return None
             get = "SELECT value FROM meta WHERE key = ?"
             row = db.execute(get, (MODEL_SPEC_KEY,)).fetchone()
             count = int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0]) if row else 0
             fingerprint = db.execute(get, ("model_fingerprint",)).fetchone()
-        finally:
-            db.close()
         spec = json.loads(row[0]) if row else None
     except (sqlite3.Error, ValueError, TypeError):
         return None
@@ -327,17 +340,13 @@ def read_index_files(data_dir: Path) -> IndexFiles | None:
     """The saved indexes of a data dir, without its lock: read-only, and files are replaced only
     by a rename. Never raises: what cannot be read here (no file, another model's, a file
     replaced under the read) is read or rebuilt the usual way once the model is loaded."""
-    path = data_dir / "xmodal.sqlite3"
-    if not path.is_file():
-        return None
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
+        with _read_only_store(data_dir) as db:
+            if db is None:
+                return None
             rows = db.execute(
                 "SELECT key, value FROM meta WHERE key IN ('model_fingerprint', 'dim')"
             ).fetchall()
-        finally:
-            db.close()
         meta = dict(rows)
         fingerprint, dim = str(meta["model_fingerprint"]), int(meta["dim"])
     except (sqlite3.Error, KeyError, ValueError, TypeError):
