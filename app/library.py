@@ -145,10 +145,8 @@ class Library:
                 "fingerprint": encoder.fingerprint,
                 "policy": policy,
             }
-            images = IndexedCollection(
-                store, "image", data_dir / "indexes" / "images.faiss", **common
-            )
-            texts = IndexedCollection(store, "text", data_dir / "indexes" / "texts.faiss", **common)
+            images = IndexedCollection(store, "image", index_file(data_dir, "image"), **common)
+            texts = IndexedCollection(store, "text", index_file(data_dir, "text"), **common)
             library = cls(settings, encoder, store, media, images, texts, dir_lock)
             if store.get_meta("model_fingerprint") != encoder.fingerprint:
                 library.reembed_all()
@@ -321,6 +319,11 @@ def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | 
     return {k: spec.get(k) for k in _SPEC_FIELDS}, count, stored_fingerprint
 
 
+def index_file(data_dir: Path, kind: Kind) -> Path:
+    """Where a data dir keeps the saved FAISS index of one kind of item."""
+    return data_dir / "indexes" / f"{kind}s.faiss"
+
+
 @dataclass(frozen=True)
 class IndexFiles:
     """A data dir's saved indexes, read before the model is loaded (at 1M vectors reading and
@@ -352,13 +355,13 @@ def read_index_files(data_dir: Path) -> IndexFiles | None:
     except (sqlite3.Error, KeyError, ValueError, TypeError):
         return None
 
-    def read(name: str) -> VectorIndex | None:
+    def read(kind: Kind) -> VectorIndex | None:
         try:
-            return VectorIndex.load(data_dir / "indexes" / name, fingerprint=fingerprint, dim=dim)
+            return VectorIndex.load(index_file(data_dir, kind), fingerprint=fingerprint, dim=dim)
         except IndexFileError:
             return None
 
-    return IndexFiles(fingerprint, dim, read("images.faiss"), read("texts.faiss"))
+    return IndexFiles(fingerprint, dim, read("image"), read("text"))
 
 
 def with_remembered_model(settings: Settings) -> Settings:
