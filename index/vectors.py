@@ -212,7 +212,7 @@ class VectorIndex:
         if current is None or current[1] is not None:
             return None
         sorted_ids, _ = current
-        if len(added) > 1 and not bool(np.all(added[1:] > added[:-1])):
+        if not _increasing(added):
             return None
         if len(sorted_ids) and added[0] <= sorted_ids[-1]:
             return None
@@ -243,7 +243,7 @@ class VectorIndex:
         changes excluded."""
         if self._id_lookup is None:
             id_map = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            ascending = len(id_map) < 2 or bool(np.all(id_map[1:] > id_map[:-1]))
+            ascending = _increasing(id_map)
             order = None if ascending else np.argsort(id_map, kind="stable")
             self._id_lookup = (id_map if order is None else id_map[order], order)
         return self._id_lookup
@@ -517,6 +517,10 @@ def _exact_subset(
     scores[:, :take] = np.take_along_axis(scores_all, order, axis=1)
     ids[:, :take] = np.asarray(allowed, dtype=np.int64)[order]
     return scores, ids
+
+
+def _increasing(ids: np.ndarray) -> bool:
+    return len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
 
 
 def _bitmap(ids: np.ndarray, without: _Tombstones | None = None) -> np.ndarray:
