@@ -15,18 +15,17 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from app.config import Settings
 from app.errors import ModelMismatch
+from app.saved_indexes import IndexFiles, index_file, read_only_store
 from index.collection import CollectionPolicy, IndexedCollection
 from index.media import MediaStore
 from index.store import Kind, MetadataStore
-from index.vectors import IndexFileError, IndexParams, VectorIndex
+from index.vectors import IndexParams
 from models.encoder import Encoder
 from models.inputs.decode import decode_image
 
@@ -284,31 +283,17 @@ def _describe(spec: dict[str, str | None], fingerprint: str | None = None) -> st
     return f"{head} ({', '.join(details)})" if details else head
 
 
-@contextmanager
-def _read_only_store(data_dir: Path) -> Iterator[sqlite3.Connection | None]:
-    """The data dir's SQLite file opened read-only (so it works beside a running server), or
-    None when there is none."""
-    path = data_dir / "xmodal.sqlite3"
-    if not path.is_file():
-        yield None
-        return
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], bool, str | None] | None:
+    """(the model spec a data dir recorded, whether it holds any item, its model fingerprint),
+    or None when it has none."""
     try:
-        yield db
-    finally:
-        db.close()
-
-
-def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | None] | None:
-    """(the model spec a data dir recorded, how many items it holds, its model fingerprint), or
-    None when it has none."""
-    try:
-        with _read_only_store(data_dir) as db:
+        with read_only_store(data_dir) as db:
             if db is None:
                 return None
             get = "SELECT value FROM meta WHERE key = ?"
             row = db.execute(get, (MODEL_SPEC_KEY,)).fetchone()
-            count = int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0]) if row else 0
+            # not COUNT(*): that reads the whole table (1.1 s at 1M rows from a cold cache)
+            holds = bool(db.execute("SELECT EXISTS (SELECT 1 FROM items)").fetchone()[0])
             fingerprint = db.execute(get, ("model_fingerprint",)).fetchone()
         spec = json.loads(row[0]) if row else None
     except (sqlite3.Error, ValueError, TypeError):
@@ -316,52 +301,7 @@ def remembered_model(data_dir: Path) -> tuple[dict[str, str | None], int, str | 
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         return None
     stored_fingerprint = str(fingerprint[0]) if fingerprint else None
-    return {k: spec.get(k) for k in _SPEC_FIELDS}, count, stored_fingerprint
-
-
-def index_file(data_dir: Path, kind: Kind) -> Path:
-    """Where a data dir keeps the saved FAISS index of one kind of item."""
-    return data_dir / "indexes" / f"{kind}s.faiss"
-
-
-@dataclass(frozen=True)
-class IndexFiles:
-    """A data dir's saved indexes, read before the model is loaded (at 1M vectors reading and
-    checking the file takes ~5 s, which start-up spends beside the model's load instead of after
-    it), checked against the model fingerprint the data dir records."""
-
-    fingerprint: str
-    dim: int
-    images: VectorIndex | None
-    texts: VectorIndex | None
-
-    def fits(self, encoder: Encoder) -> bool:
-        return self.fingerprint == encoder.fingerprint and self.dim == encoder.dim
-
-
-def read_index_files(data_dir: Path) -> IndexFiles | None:
-    """The saved indexes of a data dir, without its lock: read-only, and files are replaced only
-    by a rename. Never raises: what cannot be read here (no file, another model's, a file
-    replaced under the read) is read or rebuilt the usual way once the model is loaded."""
-    try:
-        with _read_only_store(data_dir) as db:
-            if db is None:
-                return None
-            rows = db.execute(
-                "SELECT key, value FROM meta WHERE key IN ('model_fingerprint', 'dim')"
-            ).fetchall()
-        meta = dict(rows)
-        fingerprint, dim = str(meta["model_fingerprint"]), int(meta["dim"])
-    except (sqlite3.Error, KeyError, ValueError, TypeError):
-        return None
-
-    def read(kind: Kind) -> VectorIndex | None:
-        try:
-            return VectorIndex.load(index_file(data_dir, kind), fingerprint=fingerprint, dim=dim)
-        except IndexFileError:
-            return None
-
-    return IndexFiles(fingerprint, dim, read("image"), read("text"))
+    return {k: spec.get(k) for k in _SPEC_FIELDS}, holds, stored_fingerprint
 
 
 def with_remembered_model(settings: Settings) -> Settings:
@@ -371,7 +311,7 @@ def with_remembered_model(settings: Settings) -> Settings:
     found = remembered_model(settings.data_dir)
     if found is None:
         return settings
-    stored, count, fingerprint = found
+    stored, holds_items, fingerprint = found
     given = settings.model.model_fields_set & set(_SPEC_FIELDS)
     if given:
         asked = _spec_of(settings)
@@ -379,7 +319,7 @@ def with_remembered_model(settings: Settings) -> Settings:
             "checkpoint" not in given and stored["checkpoint"] is not None
         )
         if disagree:
-            if count == 0 or settings.reembed_on_model_change:
+            if not holds_items or settings.reembed_on_model_change:
                 return settings  # nothing to keep consistent, or a deliberate change
             raise model_mismatch(
                 _describe(stored, fingerprint), f"the options ask for {_describe(asked)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,6 +26,7 @@ from app.metrics import REQUEST_LATENCY
 from app.openapi import install_openapi
 from app.routes import embed, images, ops, search, texts
 from app.runtime import BackendFactory, Runtime
+from app.saved_indexes import IndexFiles
 from app.uploads import BodyLimitMiddleware
 from models.encoder import Encoder
 
@@ -138,10 +140,13 @@ def create_app(
     on_startup_failure: Callable[[str], None] | None = None,
     on_loaded: Callable[[], None] | None = None,
     backend_factory: BackendFactory | None = None,
+    index_files: Future[IndexFiles | None] | None = None,
 ) -> FastAPI:
     """`encoder` lets tests share one loaded model across apps; normally it is loaded here.
     `on_loaded`: called on the event loop once everything is loaded, just before ready.
-    `backend_factory`: run the model calls elsewhere (`xmodal serve --engine ray`)."""
+    `backend_factory`: run the model calls elsewhere (`xmodal serve --engine ray`).
+    `index_files`: the data dir's saved indexes, being read already (`xmodal serve` starts
+    before its imports); used when the model is loaded here."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -151,6 +156,7 @@ def create_app(
             on_startup_failure=on_startup_failure,
             on_loaded=on_loaded,
             backend_factory=backend_factory,
+            index_files=index_files,
         )
         app.state.runtime = runtime
         runtime.start_loading(encoder)

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,9 +26,10 @@ from anyio import to_thread
 from app.batching import Batcher, DynamicBatcher
 from app.config import Settings
 from app.errors import NotReady
-from app.library import IndexFiles, Library, read_index_files, with_remembered_model
+from app.library import Library, with_remembered_model
 from app.metrics import FILTER_CACHE, INDEX_SIZE, ROW_CACHE
 from app.query_cache import QueryCache
+from app.saved_indexes import IndexFiles, read_index_files
 from app.services import forward_passes
 from app.services.query_vectors import QueryEncoder
 from index.vectors import set_search_threads
@@ -120,8 +121,10 @@ class Runtime:
         on_startup_failure: Callable[[str], None] | None = None,
         on_loaded: Callable[[], None] | None = None,
         backend_factory: BackendFactory | None = None,
+        index_files: Future[IndexFiles | None] | None = None,
     ) -> None:
         self.settings = settings
+        self._index_files = index_files
         self._backend_factory = backend_factory
         self._on_startup_failure = on_startup_failure
         self._on_loaded = on_loaded
@@ -166,10 +169,15 @@ class Runtime:
             if encoder is None:
                 # Model options left unset: the model the data dir was embedded with.
                 self.settings = with_remembered_model(self.settings)
-                # The saved indexes (~5 s at 1M vectors) are read while the model loads, checked
-                # against the model the data dir records; Library.open checks that it is this one.
-                reading = asyncio.ensure_future(
-                    to_thread.run_sync(read_index_files, self.settings.data_dir)
+                # The saved indexes (~5 s at 1M vectors) are read while the model loads, if
+                # `xmodal serve` has not started reading them before its imports, checked against
+                # the model the data dir records; Library.open checks that it is this one.
+                reading: asyncio.Future[IndexFiles | None] = (
+                    asyncio.wrap_future(self._index_files)
+                    if self._index_files is not None
+                    else asyncio.ensure_future(
+                        to_thread.run_sync(read_index_files, self.settings.data_dir)
+                    )
                 )
                 try:
                     encoder = await to_thread.run_sync(load_encoder, encoder_spec(self.settings))

@@ -6,11 +6,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from fastapi.testclient import TestClient
 
-from app.library import Library, read_index_files
+from app.library import Library
+from app.main import create_app
+from app.saved_indexes import read_index_files, start_reading_index_files
 from app.services.bulk import index_paths
 from models.encoder import Encoder
-from tests.conftest import image_bytes, make_settings
+from tests.conftest import image_bytes, make_settings, wait_ready
 
 
 def _data_dir(encoder: Encoder, tmp_path: Path) -> Path:
@@ -64,3 +67,24 @@ def test_reading_ahead_never_fails_a_start(encoder: Encoder, tmp_path: Path) -> 
         assert library.images.loaded_from == "rebuilt" and len(library.images) == 3
     finally:
         library.close()
+
+
+def test_a_server_adopts_the_indexes_read_before_its_model_loaded(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """`xmodal serve` starts the read before importing torch and hands it to the app, which
+    loads the model itself (as the CLI does) and keeps the index objects read ahead."""
+    data = _data_dir(encoder, tmp_path)
+    reading = start_reading_index_files(data)
+    files = reading.result(timeout=60)
+    assert files is not None and files.images is not None
+    with TestClient(create_app(make_settings(data), index_files=reading)) as client:
+        wait_ready(client)
+        library = client.app.state.runtime.backend.library  # type: ignore[attr-defined]
+        assert library.encoder is not encoder  # loaded by the app, not shared
+        assert library.images._index is files.images
+        assert library.texts._index is files.texts
+        stored = library.store.embeddings_for("image", [2])[2]
+        answer = client.post("/v1/search/vector", json={"vector": stored.tolist(), "k": 1})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["id"] == 2
