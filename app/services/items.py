@@ -414,5 +414,7 @@ async def list_items(
     rows = await to_thread.run_sync(
         lambda: store.list_items(kind, after_id=after, limit=limit, newest_first=newest_first)
     )
-    total = await to_thread.run_sync(store.count, kind)
+    # The live vectors of the kind's index, caught up with every acknowledged write: a
+    # COUNT(*) reads the whole kind under the store's lock (~0.5 s at 10M rows, warm).
+    total = len(backend.library.images if kind == "image" else backend.library.texts)
     return Page(rows, rows[-1].id if len(rows) == limit else None, total)
