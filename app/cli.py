@@ -521,20 +521,21 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from models.factory import WeightsUnavailable
-
     try:
         return int(args.func(args))
-    except WeightsUnavailable as exc:
-        print(f"xmodal: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
+        # Imported here, not before the command: they import torch (seconds), and `serve` starts
+        # reading its indexes before that.
         from app.errors import XmodalError
         from app.library import DataDirLocked
         from index.store import StoreVersionError
         from models.checkpoint import CheckpointError
+        from models.factory import WeightsUnavailable
 
-        if isinstance(exc, XmodalError | DataDirLocked | StoreVersionError | CheckpointError):
+        known = (
+            XmodalError | DataDirLocked | StoreVersionError | CheckpointError | WeightsUnavailable
+        )
+        if isinstance(exc, known):
             print(f"xmodal: {exc}", file=sys.stderr)
             return 2
         raise
