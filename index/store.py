@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS changes (
     op TEXT NOT NULL CHECK (op IN ('add', 'delete'))
 );
 CREATE INDEX IF NOT EXISTS changes_kind_seq ON changes (kind, seq);
+-- Kind, then id (the rowid every index ends with): a page of one kind in id order, or the
+-- vectors of one kind streamed for an index build, is a range of this index. Without it SQLite
+-- took the (kind, sha256) index and sorted the whole kind: 6.4 s for the first page of photos
+-- at 1M items, and 20 GB of temporary sort to build an index at 10M.
+CREATE INDEX IF NOT EXISTS items_kind ON items (kind);
 -- `value` has no declared type, so it keeps exactly what json_extract returns for the key
 -- (integer, real, text, NULL for JSON null, the JSON text of a list or object): comparisons
 -- and type ordering are those of the json_extract filters of format 1.
@@ -242,6 +247,10 @@ class MetadataStore:
                     f"format {FORMAT_VERSION} (and upgrades format 1 in place). Use a matching "
                     "xmodal version or a new data dir."
                 )
+            if version is not None and not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'items_kind'"
+            ).fetchone():
+                log.info("adding the index of items by kind (once: ~9 s per million items)")
             self._db.executescript(_SCHEMA)
             if version is None:
                 self.set_meta("format_version", str(FORMAT_VERSION))
