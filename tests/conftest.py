@@ -22,7 +22,9 @@ from app.main import create_app
 from models.encoder import Encoder
 from models.factory import EncoderSpec, load_encoder
 
-torch.set_num_threads(2)
+# Two threads per process on a 2-core machine; one when pytest-xdist runs two workers side by
+# side (`make pytest`), or four OpenMP threads would spin against each other on two cores.
+torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2)
 
 TINY = {"name": "xmodal-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"}
 
