@@ -29,6 +29,14 @@ from index.vectors import (
 log = logging.getLogger(__name__)
 # IVF-PQ trains on at most this many vectors (FAISS itself samples 256 per list, 1024 lists).
 TRAIN_SAMPLE = 300_000
+# Changes replayed per step when an index catches up with the store: the step's vectors are read
+# into memory (64k x 512-d = 128 MiB), never a whole backlog (10M at once took 20+ GB).
+CATCH_UP_CHUNK = 65_536
+# A saved index more changes behind the store than this, and than the vectors it holds, is
+# rebuilt from the store instead of caught up: a bulk build is faster, and picks the index kind
+# for the collection's size (an empty exact index saved before a 10M import would otherwise
+# have taken every vector in RAM).
+REPLAY_MAX = 50_000
 
 
 @dataclass
@@ -138,6 +146,12 @@ class IndexedCollection:
                 raise IndexFileError(
                     f"{self.index_path} is ahead of SQLite (seq {self._index.applied_seq} > "
                     f"{self.store.last_seq()})"
+                )
+            behind = self.store.count_changes_since(self.item_kind, self._index.applied_seq)
+            if behind > max(REPLAY_MAX, len(self._index)):
+                raise IndexFileError(
+                    f"{self.index_path} is {behind} changes behind SQLite and holds "
+                    f"{len(self._index)} vectors"
                 )
         except IndexFileError as exc:
             if self.index_path.exists():
@@ -310,7 +324,16 @@ class IndexedCollection:
 
 
 def _apply_changes(store: MetadataStore, kind: Kind, index: VectorIndex) -> int:
-    changes = store.changes_since(kind, index.applied_seq)
+    """Every change after the index's sequence number, CATCH_UP_CHUNK at a time. Returns how
+    many."""
+    applied = 0
+    while step := _apply_some_changes(store, kind, index, CATCH_UP_CHUNK):
+        applied += step
+    return applied
+
+
+def _apply_some_changes(store: MetadataStore, kind: Kind, index: VectorIndex, limit: int) -> int:
+    changes = store.changes_since(kind, index.applied_seq, limit)
     if not changes:
         return 0
     # Net effect per id, in sequence order: ids are never reused, so an id is added at most

@@ -247,9 +247,12 @@ class MetadataStore:
                     f"format {FORMAT_VERSION} (and upgrades format 1 in place). Use a matching "
                     "xmodal version or a new data dir."
                 )
-            if version is not None and not self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'items_kind'"
-            ).fetchone():
+            if (
+                version is not None
+                and not self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'items_kind'"
+                ).fetchone()
+            ):
                 log.info("adding the index of items by kind (once: ~9 s per million items)")
             self._db.executescript(_SCHEMA)
             if version is None:
@@ -709,13 +712,22 @@ class MetadataStore:
             ).fetchone()
         return int(row["s"])
 
-    def changes_since(self, kind: Kind, seq: int) -> list[Change]:
+    def changes_since(self, kind: Kind, seq: int, limit: int = -1) -> list[Change]:
+        """The kind's changes after `seq`, in order; at most `limit` (-1: all)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, item_id, op FROM changes WHERE kind = ? AND seq > ? ORDER BY seq",
-                (kind, seq),
+                "SELECT seq, item_id, op FROM changes WHERE kind = ? AND seq > ? ORDER BY seq "
+                "LIMIT ?",
+                (kind, seq, limit),
             ).fetchall()
         return [Change(int(r["seq"]), int(r["item_id"]), r["op"]) for r in rows]
+
+    def count_changes_since(self, kind: Kind, seq: int) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM changes WHERE kind = ? AND seq > ?", (kind, seq)
+            ).fetchone()
+        return int(row[0])
 
     def embeddings_for(self, kind: Kind, ids: list[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
