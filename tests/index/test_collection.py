@@ -33,15 +33,22 @@ def _collection(store: MetadataStore, path: Path, **policy: object) -> IndexedCo
     )
 
 
-def test_replay_after_stale_save(tmp_path: Path) -> None:
+def _saved_then_more(
+    tmp_path: Path, x: np.ndarray, saved: int
+) -> tuple[MetadataStore, list[int], list[int]]:
+    """A store whose first `saved` rows of x are in a saved index file and whose other rows were
+    acknowledged after the save (in SQLite only). Returns (store, saved ids, later ids)."""
     store = MetadataStore(tmp_path / "db.sqlite3")
-    x = clustered(60)
-    ids = _add(store, x[:30])
+    ids = _add(store, x[:saved])
     coll = _collection(store, tmp_path / "i.faiss")
     coll.open()
     coll.save()
-    # acknowledged after the save: in SQLite only
-    more = _add(store, x[30:], start=30)
+    return store, ids, _add(store, x[saved:], start=saved)
+
+
+def test_replay_after_stale_save(tmp_path: Path) -> None:
+    x = clustered(60)
+    store, ids, more = _saved_then_more(tmp_path, x, 30)
     store.delete("image", ids[0])
     reopened = _collection(store, tmp_path / "i.faiss")
     reopened.open()
@@ -57,13 +64,8 @@ def test_replay_goes_in_bounded_steps_with_deletes_across_them(
     """A backlog is replayed a few changes at a time (a 10M backlog read at once took 20+ GB);
     an id added in one step and deleted in a later one, or within one, ends up absent."""
     monkeypatch.setattr(collection_module, "CATCH_UP_CHUNK", 7)
-    store = MetadataStore(tmp_path / "db.sqlite3")
     x = clustered(60)
-    ids = _add(store, x[:20])
-    coll = _collection(store, tmp_path / "i.faiss")
-    coll.open()
-    coll.save()
-    more = _add(store, x[20:], start=20)
+    store, ids, more = _saved_then_more(tmp_path, x, 20)
     gone = [ids[3], more[0], more[1], more[30], more[39]]  # old, new in an early step, the last
     for item_id in gone:
         store.delete("image", item_id)
