@@ -88,11 +88,10 @@ def start_reading_index_files(data_dir: Path) -> Future[IndexFiles | None]:
     future: Future[IndexFiles | None] = Future()
 
     def run() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(read_index_files(data_dir))
-            except BaseException as exc:  # read_index_files never raises; MemoryError might
-                future.set_exception(exc)
+        try:
+            future.set_result(read_index_files(data_dir))
+        except Exception as exc:  # read_index_files never raises; MemoryError might
+            future.set_exception(exc)
 
     threading.Thread(target=run, name="read-index-files", daemon=True).start()
     return future
